@@ -1,0 +1,202 @@
+"""Tolerant readers for raw FHIR JSON: the few fields the rules need, from R4, R4B, R5 or older shapes.
+
+Full model validation (fhir.resources) costs ~0.4 ms per resource, so the hot path reads plain dicts here
+and validates only the resources that end up as evidence (see `record.validate_evidence`).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from typing import Any
+
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+# Alternative spellings of the same system seen in the wild (trailing slash, OIDs).
+_SYSTEM_ALIASES = {
+    "http://snomed.info/sct/": SNOMED,
+    "urn:oid:2.16.840.1.113883.6.96": SNOMED,
+    "urn:oid:2.16.840.1.113883.6.1": LOINC,
+    "http://hl7.org/fhir/sid/icd-10": ICD10CM,
+    "urn:oid:2.16.840.1.113883.6.90": ICD10CM,
+    "urn:oid:2.16.840.1.113883.6.88": RXNORM,
+    "http://www.nlm.nih.gov/research/umls/rxnorm/": RXNORM,
+}
+
+
+def norm_system(system: str | None) -> str:
+    if not system:
+        return ""
+    return _SYSTEM_ALIASES.get(system, system)
+
+
+def fold(text: str) -> str:
+    """Lower-case, accent-free, single-spaced text for matching ("Mésothérapie" -> "mesotherapie")."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return re.sub(r"\s+", " ", stripped.casefold()).strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Coding:
+    system: str
+    code: str
+    display: str
+
+
+@dataclass(frozen=True, slots=True)
+class Coded:
+    """A CodeableConcept reduced to its codings and texts (R5 CodeableReference.concept unwrapped)."""
+
+    codings: tuple[Coding, ...] = ()
+    texts: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        for text in self.texts:
+            if text:
+                return text
+        for coding in self.codings:
+            if coding.display:
+                return coding.display
+        for coding in self.codings:
+            if coding.code:
+                return coding.code
+        return "(no code or text)"
+
+    def all_texts(self) -> list[str]:
+        return [t for t in self.texts if t] + [c.display for c in self.codings if c.display]
+
+    def merged(self, other: Coded) -> Coded:
+        return Coded(self.codings + other.codings, self.texts + other.texts)
+
+
+EMPTY = Coded()
+
+
+def coded(value: Any) -> Coded:
+    """Read a CodeableConcept, an R5 CodeableReference, a Coding, a list of those, or a bare string."""
+    if value is None:
+        return EMPTY
+    if isinstance(value, str):
+        return Coded((), (value,))
+    if isinstance(value, list):
+        result = EMPTY
+        for item in value:
+            result = result.merged(coded(item))
+        return result
+    if not isinstance(value, dict):
+        return EMPTY
+    if "concept" in value and isinstance(value["concept"], dict):  # R5 CodeableReference
+        inner = coded(value["concept"])
+        ref = value.get("reference")
+        if isinstance(ref, dict) and isinstance(ref.get("display"), str):
+            inner = inner.merged(Coded((), (ref["display"],)))
+        return inner
+    codings: list[Coding] = []
+    raw_codings = value.get("coding")
+    if isinstance(raw_codings, list):
+        for c in raw_codings:
+            if isinstance(c, dict):
+                codings.append(_coding(c))
+    elif "code" in value and ("system" in value or "display" in value):  # a bare Coding
+        codings.append(_coding(value))
+    texts: tuple[str, ...] = ()
+    if isinstance(value.get("text"), str):
+        texts = (value["text"],)
+    return Coded(tuple(codings), texts)
+
+
+def _coding(c: dict[str, Any]) -> Coding:
+    code = c.get("code")
+    display = c.get("display")
+    return Coding(
+        norm_system(c.get("system") if isinstance(c.get("system"), str) else None),
+        str(code).strip() if isinstance(code, str | int) else "",
+        display if isinstance(display, str) else "",
+    )
+
+
+def status_code(value: Any) -> str | None:
+    """The code of a status element: a plain code (R4 MedicationRequest) or a CodeableConcept."""
+    if isinstance(value, str):
+        return value
+    c = coded(value)
+    for coding in c.codings:
+        if coding.code:
+            return coding.code
+    for text in c.texts:
+        return fold(text)
+    return None
+
+
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+def parse_date(value: Any) -> date | None:
+    """A FHIR date/dateTime/instant as a calendar date (partial dates take the first day)."""
+    if not isinstance(value, str):
+        return None
+    m = _DATE.match(value.strip())
+    if not m:
+        return None
+    try:
+        return date(int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1))
+    except ValueError:
+        return None
+
+
+def parse_instant(value: Any) -> datetime | None:
+    """A FHIR dateTime as an aware datetime, for ordering Observations; dates sort at midnight UTC."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    try:
+        if len(text) > 10:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    except ValueError:
+        pass
+    d = parse_date(text)
+    return datetime(d.year, d.month, d.day, tzinfo=timezone.utc) if d else None
+
+
+def choice(resource: dict[str, Any], prefix: str) -> tuple[str, Any] | None:
+    """The populated choice element `prefix[x]`: ("DateTime", value), ("Period", {...}) ..."""
+    for key, value in resource.items():
+        if key.startswith(prefix) and len(key) > len(prefix) and key[len(prefix)].isupper():
+            return key[len(prefix):], value
+    return None
+
+
+def choice_date(resource: dict[str, Any], prefix: str, *, end: bool = False) -> tuple[bool, date | None]:
+    """(present, date) for onset[x]/abatement[x]/effective[x]; a Period gives its start (or end)."""
+    found = choice(resource, prefix)
+    if found is None:
+        return False, None
+    kind, value = found
+    if kind in ("DateTime", "Instant", "Date"):
+        return True, parse_date(value)
+    if kind == "Period" and isinstance(value, dict):
+        first, second = ("end", "start") if end else ("start", "end")
+        return True, parse_date(value.get(first)) or parse_date(value.get(second))
+    return True, None
+
+
+def reference(value: Any) -> str | None:
+    if isinstance(value, dict) and isinstance(value.get("reference"), str):
+        return value["reference"]
+    return None
+
+
+def ref_key(ref: str) -> str:
+    """`Type/id` from a relative, absolute or versioned reference (`.../ServiceRequest/x/_history/2`)."""
+    parts = ref.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    return "/".join(parts[-2:]) if len(parts) >= 2 else ref

@@ -1,0 +1,195 @@
+"""Which draft orders are mesotherapy, where they treat, and which ingredients they inject.
+
+Reads any FHIR version's order shape (R4/R5 ServiceRequest, MedicationRequest, STU3/DSTU2
+ProcedureRequest, MedicationOrder) from raw JSON; an unknown shape is simply not a mesotherapy order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidRequest
+from .fhirjson import Coded, coded, fold, ref_key, reference
+from .knowledge import KnowledgeBase, Match, Orderable
+from .record import medication_code
+
+
+@dataclass(slots=True)
+class Ingredient:
+    id: str
+    source: str  # where it came from: "MedicationRequest/mr-1", "order details", "default formulation"
+
+
+@dataclass(slots=True)
+class Order:
+    ref: str
+    label: str
+    matched: Match
+    sites: set[str]  # empty: treatment site unknown
+    ingredients: list[Ingredient] = field(default_factory=list)
+    explicit_ingredients: bool = False
+
+
+def draft_resources(draft_orders: Any) -> dict[str, dict[str, Any]]:
+    """`Type/id` -> resource for every entry of the draftOrders Bundle (a missing Bundle.type is fine)."""
+    if not isinstance(draft_orders, dict) or draft_orders.get("resourceType") != "Bundle":
+        raise InvalidRequest("context.draftOrders must be a FHIR Bundle", expression="context.draftOrders")
+    entries = draft_orders.get("entry") or []
+    if not isinstance(entries, list):
+        raise InvalidRequest("context.draftOrders.entry must be an array", expression="context.draftOrders.entry")
+    out: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(entries):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            raise InvalidRequest(f"draftOrders entry {i} has no resource",
+                                 expression=f"context.draftOrders.entry[{i}]")
+        rid = resource.get("id")
+        key = f"{resource['resourceType']}/{rid}" if isinstance(rid, str) and rid else f"#entry{i}"
+        out[key] = resource
+    return out
+
+
+def evaluated_orders(hook: str, drafts: dict[str, dict[str, Any]], selections: list[str] | None) -> list[str]:
+    """order-select: only the selected orders; order-sign: all draft orders."""
+    if hook != "order-select":
+        return list(drafts)
+    chosen: list[str] = []
+    for i, sel in enumerate(selections or []):
+        key = ref_key(sel)
+        if key not in drafts:
+            raise InvalidRequest(f"selection {sel!r} is not an entry of draftOrders",
+                                 expression=f"context.selections[{i}]")
+        chosen.append(key)
+    return chosen
+
+
+def order_concepts(resource: dict[str, Any]) -> Coded:
+    """Code, code.text, displays and orderDetail of an order, whatever its FHIR version."""
+    c = coded(resource.get("code"))
+    for key in ("medicationCodeableConcept", "productCodeableConcept", "medication"):
+        value = resource.get(key)
+        if isinstance(value, dict) and "reference" not in value:
+            c = c.merged(coded(value))
+    for detail in resource.get("orderDetail") or []:
+        if not isinstance(detail, dict):
+            continue
+        c = c.merged(coded(detail))
+        for param in detail.get("parameter") or []:  # R5 orderDetail.parameter[].value[x]
+            if isinstance(param, dict):
+                for k, v in param.items():
+                    if k.startswith("value"):
+                        c = c.merged(coded(v))
+    return c
+
+
+def _notes(resource: dict[str, Any]) -> list[str]:
+    return [n["text"] for n in resource.get("note") or [] if isinstance(n, dict) and isinstance(n.get("text"), str)]
+
+
+def find_mesotherapy(kb: KnowledgeBase, hook: str, drafts: dict[str, dict[str, Any]],
+                     selections: list[str] | None) -> list[Order]:
+    keys = evaluated_orders(hook, drafts, selections)
+    orders: list[Order] = []
+    for key in keys:
+        resource = drafts[key]
+        concepts = order_concepts(resource)
+        hit = _mesotherapy_match(kb, concepts)
+        if hit is None:
+            continue
+        match, orderable = hit
+        order = Order(ref=key, label=concepts.label, matched=match, sites=_order_sites(kb, resource, concepts,
+                                                                                         orderable, drafts))
+        _ingredients(kb, order, resource, concepts, orderable, drafts, set(keys))
+        orders.append(order)
+    return orders
+
+
+def _mesotherapy_match(kb: KnowledgeBase, concepts: Coded) -> tuple[Match, Orderable | None] | None:
+    o = kb.orderables
+    for c in concepts.codings:
+        if c.system == o.system:
+            for orderable in o.orderables:
+                if orderable.code == c.code:
+                    return Match("code", f"{c.code} {c.display}".strip()), orderable
+        for extra in o.other_codes:
+            if extra.system == c.system and extra.code == c.code:
+                return Match("code", f"{c.system}|{c.code} {c.display}".strip()), None
+    for text in concepts.all_texts():
+        if kb.orderable_exclude is not None and kb.orderable_exclude.search(fold(text)):
+            continue
+        found = kb.orderable_text.search(text)
+        if found:
+            return Match("text", found), None
+    return None
+
+
+def _linked_medications(resource: dict[str, Any], key: str, drafts: dict[str, dict[str, Any]],
+                        selected: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Draft MedicationRequests that belong to this order: basedOn/supportingInfo links either way, the
+    same requisition or groupIdentifier, or selected together with it."""
+    own_links = {ref_key(r) for k in ("basedOn", "supportingInfo", "replaces")
+                 for item in resource.get(k) or [] if (r := reference(item))}
+
+    def ident(res: dict[str, Any], k: str) -> tuple[Any, Any] | None:
+        v = res.get(k)
+        return (v.get("system"), v.get("value")) if isinstance(v, dict) and v.get("value") else None
+
+    found = []
+    for other_key, other in drafts.items():
+        if other_key == key or other.get("resourceType") not in ("MedicationRequest", "MedicationOrder"):
+            continue
+        their_links = {ref_key(r) for item in other.get("basedOn") or [] if (r := reference(item))}
+        same_group = any(ident(resource, k) and ident(resource, k) == ident(other, k)
+                         for k in ("requisition", "groupIdentifier"))
+        if (other_key in own_links or key in their_links or same_group
+                or (key in selected and other_key in selected and len(selected) > 1)):
+            found.append((other_key, other))
+    return found
+
+
+def _ingredients(kb: KnowledgeBase, order: Order, resource: dict[str, Any], concepts: Coded,
+                 orderable: Orderable | None, drafts: dict[str, dict[str, Any]], selected: set[str]) -> None:
+    seen: set[str] = set()
+
+    def add(ids: set[str], source: str) -> None:
+        for ing in sorted(ids - seen):
+            seen.add(ing)
+            order.ingredients.append(Ingredient(ing, source))
+
+    if resource.get("resourceType") in ("MedicationRequest", "MedicationOrder"):
+        add(ingredients_in(kb, medication_code(resource)), order.ref)
+    for med_key, med in _linked_medications(resource, order.ref, drafts, selected):
+        add(ingredients_in(kb, medication_code(med)), med_key)
+    details = concepts.merged(Coded((), tuple(_notes(resource))))
+    add(ingredients_in(kb, details), "order details")
+    order.explicit_ingredients = bool(seen)
+    if not seen:
+        default = (orderable.formulation if orderable and orderable.formulation
+                   else kb.orderables.default_formulation)
+        add(set(default), "default formulation")
+
+
+def ingredients_in(kb: KnowledgeBase, value: Coded) -> set[str]:
+    """Ingredient ids named by code or by a synonym in a medication concept or free text."""
+    found = {kb.ingredient_codes[(c.system, c.code)] for c in value.codings
+             if (c.system, c.code) in kb.ingredient_codes}
+    texts = value.all_texts()
+    for ing_id, matcher in kb.ingredient_text:
+        if ing_id not in found and any(matcher.search(t) for t in texts):
+            found.add(ing_id)
+    return found
+
+
+def _order_sites(kb: KnowledgeBase, resource: dict[str, Any], concepts: Coded, orderable: Orderable | None,
+                 drafts: dict[str, dict[str, Any]]) -> set[str]:
+    body = coded(resource.get("bodySite"))
+    for dosage in resource.get("dosageInstruction") or []:
+        if isinstance(dosage, dict):
+            body = body.merged(coded(dosage.get("site")))
+    sites = kb.sites.classify(body)
+    if sites:
+        return sites
+    if orderable is not None and orderable.site:
+        return {orderable.site}
+    return kb.sites.classify(concepts)

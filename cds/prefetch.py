@@ -1,0 +1,198 @@
+"""Prefetch templates (the single source for discovery) and gathering the record from prefetch or FHIR.
+
+CDS Hooks "Prefetch Template": a key present with data is used; `null` or an empty Bundle means "no data";
+an absent key or an OperationOutcome means "not obtained", so the service fetches the query itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .errors import DataUnavailable
+from .fhir import FhirClient, FhirError, entries, error_outcome, next_link, server_allowed
+from .record import (
+    PatientRecord,
+    read_allergy,
+    read_condition,
+    read_medication,
+    read_observation,
+    read_patient,
+)
+from .settings import Settings
+
+log = logging.getLogger("cds.prefetch")
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    key: str
+    query: str
+    label: str  # what the clinician is told could not be checked
+
+
+# Inside the spec's restricted subset: instance read, type search with reference and token parameters.
+# Conditions come with every status: history-of rules (MI, cancer) and weaning need inactive records too.
+TEMPLATES: tuple[Template, ...] = (
+    Template("patient", "Patient/{{context.patientId}}", "Patient demographics"),
+    Template("conditions", "Condition?patient={{context.patientId}}", "Conditions (problem list)"),
+    Template("allergies", "AllergyIntolerance?patient={{context.patientId}}", "Allergies and intolerances"),
+    Template("pregnancyStatus", "Observation?patient={{context.patientId}}&code=http://loinc.org|82810-3",
+             "Pregnancy status (Observation)"),
+    Template("breastfeedingStatus", "Observation?patient={{context.patientId}}&code=http://loinc.org|63895-7",
+             "Breastfeeding status (Observation)"),
+    Template("medicationRequests",
+             "MedicationRequest?patient={{context.patientId}}&status=active,on-hold",
+             "Current medication orders"),
+    Template("medicationStatements", "MedicationStatement?patient={{context.patientId}}",
+             "Medication statements"),
+)
+
+ABSENT = object()
+
+
+def render(template: str, context: dict[str, Any]) -> str:
+    out = template
+    for name, value in context.items():
+        if isinstance(value, str):
+            out = out.replace("{{context.%s}}" % name, value)
+    return out
+
+
+@dataclass(slots=True)
+class Gathered:
+    data: dict[str, list[dict[str, Any]]]
+    unavailable: dict[str, str]
+    fetched: int
+
+
+async def gather(request: dict[str, Any], settings: Settings, http: httpx.AsyncClient) -> Gathered:
+    """Every template's resources, fetching the ones prefetch did not supply, all under one deadline."""
+    context = request["context"]
+    prefetch = request.get("prefetch") or {}
+    client = _client(request, settings, http)
+    data: dict[str, list[dict[str, Any]]] = {}
+    unavailable: dict[str, str] = {}
+    jobs: dict[str, Any] = {}
+    for t in TEMPLATES:
+        value = prefetch.get(t.key, ABSENT) if isinstance(prefetch, dict) else ABSENT
+        if value is None:
+            data[t.key] = []
+        elif value is ABSENT or error_outcome(value) or not isinstance(value, dict):
+            if isinstance(client, str):
+                unavailable[t.key] = client
+            else:
+                jobs[t.key] = _fetch(client, render(t.query, context))
+        elif value.get("resourceType") == "Bundle":
+            data[t.key] = entries(value)
+            if next_link(value) is not None:
+                if isinstance(client, str):
+                    unavailable[t.key] = "prefetch was paginated and the remaining pages could not be fetched"
+                else:
+                    jobs[t.key] = _complete(client, value)
+        else:
+            data[t.key] = [value]
+    if jobs:
+        results = await _run_all(jobs, settings.deadline_s)
+        for key, result in results.items():
+            if isinstance(result, FhirError):
+                unavailable[key] = result.reason
+                data.pop(key, None)
+            else:
+                data[key] = result
+    return Gathered(data, unavailable, len(jobs))
+
+
+def _client(request: dict[str, Any], settings: Settings, http: httpx.AsyncClient) -> FhirClient | str:
+    """A FHIR client for this request, or the reason why the service may not fetch anything."""
+    server = request.get("fhirServer")
+    auth = request.get("fhirAuthorization")
+    token = auth.get("access_token") if isinstance(auth, dict) else None
+    if not isinstance(server, str):
+        return "the EHR sent no prefetch for it and no FHIR server to read it from"
+    if not server_allowed(server, settings.allowed_fhir_servers, settings.loopback_fhir_allowed):
+        log.warning("fhirServer not on the allow-list; not contacted", extra={"fhir_origin": _origin_text(server)})
+        return "the EHR's FHIR server is not on this service's allow-list"
+    if not token and not settings.anonymous_fhir_allowed:
+        return "the EHR gave no access token for its FHIR server"
+    return FhirClient(http, server, token, settings.fhir_timeout_s, settings.fhir_max_pages)
+
+
+def _origin_text(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+async def _fetch(client: FhirClient, query: str) -> list[dict[str, Any]]:
+    result = await client.get(query)
+    if result is None:
+        return []
+    if not isinstance(result, dict):
+        raise FhirError("the FHIR server answered with something that is not a FHIR resource")
+    if result.get("resourceType") == "Bundle":
+        return await client.complete(result)
+    if result.get("resourceType") == "OperationOutcome":
+        raise FhirError("the FHIR server answered with an error (OperationOutcome)")
+    return [result]
+
+
+async def _complete(client: FhirClient, bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    return await client.complete(bundle)
+
+
+async def _run_all(jobs: dict[str, Any], deadline_s: float) -> dict[str, Any]:
+    tasks = {key: asyncio.ensure_future(job) for key, job in jobs.items()}
+    done, pending = await asyncio.wait(tasks.values(), timeout=deadline_s)
+    for task in pending:
+        task.cancel()
+    results: dict[str, Any] = {}
+    for key, task in tasks.items():
+        if task in pending:
+            results[key] = FhirError(f"not obtained within the {deadline_s:g} s deadline")
+        elif (exc := task.exception()) is not None:
+            results[key] = exc if isinstance(exc, FhirError) else FhirError("the FHIR read failed")
+            if not isinstance(exc, FhirError):
+                log.error("unexpected FHIR fetch failure: %s", type(exc).__name__)
+        else:
+            results[key] = task.result()
+    return results
+
+
+def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str]) -> PatientRecord:
+    """Read the gathered resources into facts; 412 when the Patient itself could not be obtained."""
+    patients = [r for r in gathered.data.get("patient", []) if r.get("resourceType") == "Patient"]
+    if not patients:
+        why = gathered.unavailable.get("patient", "the EHR sent no data for the patient")
+        raise DataUnavailable(f"The Patient resource could not be obtained: {why}.", expression="prefetch.patient")
+    record = PatientRecord(patient=read_patient(patients[0], patient_id), draft_ids=draft_ids)
+    labels = {t.key: t.label for t in TEMPLATES}
+    record.unavailable = {labels[k]: why for k, why in gathered.unavailable.items() if k != "patient"}
+    readers = {
+        "Condition": (read_condition, record.conditions),
+        "AllergyIntolerance": (read_allergy, record.allergies),
+        "Observation": (read_observation, record.observations),
+        "MedicationRequest": (read_medication, record.medications),
+        "MedicationStatement": (read_medication, record.medications),
+        "MedicationOrder": (read_medication, record.medications),
+    }
+    seen: set[str] = set()
+    for key, resources in gathered.data.items():
+        if key == "patient":
+            continue
+        for raw in resources:
+            rtype = raw.get("resourceType")
+            ident = f"{rtype}/{raw.get('id')}"
+            if rtype not in readers or (raw.get("id") and ident in seen):
+                continue
+            seen.add(ident)
+            reader, target = readers[rtype]
+            fact = reader(raw)  # type: ignore[operator]
+            if fact is not None:
+                target.append(fact)  # type: ignore[attr-defined]
+    return record

@@ -1,0 +1,104 @@
+"""Turn findings into CDS Hooks cards: summary, Markdown detail with evidence, suggestions, override reasons.
+
+`new_uuid` is injected so tests can make card ids deterministic; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from .knowledge import KnowledgeBase
+from .orders import Order
+from .record import validate_evidence
+from .rules import Evidence, Finding
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|])")
+
+INDICATOR_WORDS = {
+    "critical": "Contraindication found",
+    "warning": "Caution",
+    "info": "For information",
+}
+
+
+def md(text: str) -> str:
+    """Escape record text for GitHub-flavoured Markdown."""
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def card(finding: Finding, orders: list[Order], kb: KnowledgeBase, base_url: str, patient_id: str,
+         new_uuid: Callable[[], str] = lambda: str(uuid.uuid4())) -> dict[str, Any]:
+    rule = finding.rule
+    service = kb.service
+    summary = rule.summary.get(finding.indicator) or rule.summary[rule.indicator]  # type: ignore[index]
+    suggestions = [_remove_orders(orders, new_uuid)]
+    for s in rule.suggestions:
+        entry: dict[str, Any] = {"label": s.label, "uuid": new_uuid()}
+        if s.create is not None:
+            resource = copy.deepcopy(s.create.resource)
+            resource["subject"] = {"reference": f"Patient/{patient_id}"}
+            entry["actions"] = [{"type": "create", "description": s.create.description, "resource": resource}]
+        suggestions.append(entry)
+    return {
+        "uuid": new_uuid(),
+        "summary": summary,
+        "indicator": finding.indicator,
+        "detail": _detail(finding, orders, kb),
+        "source": {
+            "label": service.source_label,
+            "url": f"{base_url}/knowledge",
+            "topic": {"system": service.topic_system, "code": rule.id, "display": rule.title},
+        },
+        "suggestions": suggestions,
+        "selectionBehavior": "at-most-one",
+        "overrideReasons": [
+            {"system": service.override_reason_system, "code": code, "display": kb.override_reasons[code].display}
+            for code in rule.override_reasons
+        ],
+        "links": [{"label": f"About this check: {rule.title} (rule v{rule.version})",
+                   "url": f"{base_url}/knowledge/{rule.id}", "type": "absolute"}],
+    }
+
+
+def _remove_orders(orders: list[Order], new_uuid: Callable[[], str]) -> dict[str, Any]:
+    return {
+        "label": "Remove the mesotherapy order",
+        "uuid": new_uuid(),
+        "actions": [{"type": "delete", "description": f"Remove the draft order {o.label} ({o.ref})",
+                     "resourceId": o.ref} for o in orders],
+    }
+
+
+def _evidence_line(e: Evidence) -> str:
+    parts = [f"`{md(e.ref)}`: **{md(e.what)}**"]
+    if e.matched:
+        parts.append(f"matched {md(e.matched)}")
+    if e.status:
+        parts.append(md(e.status))
+    if e.when:
+        parts.append(f"date {e.when.isoformat()}")
+    parts.extend(md(n) for n in e.notes)
+    if e.raw is not None and (problem := validate_evidence(e.raw)) is not None:
+        parts.append("this record did not pass FHIR validation, so it was read as far as possible "
+                     f"({md(problem[:120])})")
+    return "- " + "; ".join(parts)
+
+
+def _detail(finding: Finding, orders: list[Order], kb: KnowledgeBase) -> str:
+    rule = finding.rule
+    order_text = ", ".join(f"**{md(o.label)}** (`{md(o.ref)}`, recognised by {o.matched.by})" for o in orders)
+    lines = [f"**{INDICATOR_WORDS[finding.indicator]}: {md(rule.title)}** for {order_text}.", ""]
+    lines.append("**What was found**")
+    lines.extend(_evidence_line(e) for e in finding.evidence)
+    lines.append("")
+    for note in finding.notes:
+        lines += [f"> {md(note)}", ""]
+    lines += [f"**Why it matters.** {rule.rationale.strip()}", "", f"**What to do.** {rule.advice.strip()}", ""]
+    if rule.extension:
+        lines += [f"_Extension beyond the source articles:_ {rule.extension.strip()}", ""]
+    lines.append(f"Source: {rule.source.citation} Rule `{rule.id}` version {rule.version}.")
+    return "\n".join(lines)

@@ -1,0 +1,328 @@
+"""Evaluate the knowledge base's rules against a patient's record and the mesotherapy orders.
+
+Pure and synchronous: no I/O, no web framework. Each rule yields at most one Finding, carrying the evidence
+(the records that made it fire) so that the card can cite them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+from .fhirjson import Coded
+from .knowledge import (
+    INDICATOR_RANK,
+    AllergyLeaf,
+    AnyNode,
+    ConditionLeaf,
+    IncompleteLeaf,
+    IngredientAllergyLeaf,
+    KnowledgeBase,
+    MedicationLeaf,
+    ObservationLeaf,
+    ObservationSpec,
+    PregnancyUnknownLeaf,
+    Rule,
+    WeanedLeaf,
+)
+from .orders import Order, ingredients_in
+from .record import Fact, ObservationFact, PatientRecord
+from .settings import Settings
+
+
+@dataclass(slots=True)
+class Evidence:
+    ref: str
+    what: str
+    matched: str  # "by code (SNOMED CT 77386006 Pregnant)" / "by text ("pregnant")"
+    status: str = ""
+    when: date | None = None
+    indicator: str = "warning"
+    notes: list[str] = field(default_factory=list)
+    raw: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Finding:
+    rule: Rule
+    indicator: str
+    evidence: list[Evidence]
+    notes: list[str] = field(default_factory=list)
+
+
+def worst(levels: list[str]) -> str:
+    return max(levels, key=INDICATOR_RANK.__getitem__)
+
+
+@dataclass(slots=True)
+class Evaluation:
+    kb: KnowledgeBase
+    record: PatientRecord
+    orders: list[Order]
+    today: date
+    settings: Settings
+    findings: dict[str, Finding] = field(default_factory=dict)
+
+    def run(self) -> list[Finding]:
+        for rule in self.kb.rules:
+            if any(other in self.findings for other in rule.suppressed_by):
+                continue
+            excluded = {e.ref for other in rule.excludes_evidence_of if other in self.findings
+                        for e in self.findings[other].evidence}
+            evidence = [e for e in self._node(rule, rule.when) if e.ref not in excluded]
+            if evidence:
+                self.findings[rule.id] = self._finding(rule, _dedupe(evidence))
+        return sorted(self.findings.values(), key=lambda f: -INDICATOR_RANK[f.indicator])
+
+    def _finding(self, rule: Rule, evidence: list[Evidence]) -> Finding:
+        indicator = worst([e.indicator for e in evidence])
+        notes = []
+        if rule.verify_if_male and self.record.patient.gender == "male":
+            indicator = "warning" if INDICATOR_RANK[indicator] > INDICATOR_RANK["warning"] else indicator
+            notes.append("The patient's recorded sex is male: verify this record before acting on it.")
+        if any("unconfirmed" in n for e in evidence for n in e.notes):
+            notes.append("Some of the evidence is recorded as unconfirmed: confirm it with the patient.")
+        return Finding(rule, indicator, evidence, notes)
+
+    # --- the grammar -----------------------------------------------------------------------------
+
+    def _node(self, rule: Rule, node: Any) -> list[Evidence]:
+        if isinstance(node, AnyNode):
+            return [e for child in node.any for e in self._node(rule, child)]
+        if isinstance(node, ConditionLeaf):
+            return self._conditions(rule, node)
+        if isinstance(node, ObservationLeaf):
+            return self._observation(rule, node.observation)
+        if isinstance(node, MedicationLeaf):
+            return self._medications(rule, node)
+        if isinstance(node, AllergyLeaf):
+            return self._allergies(rule, node)
+        if isinstance(node, IngredientAllergyLeaf):
+            return self._ingredient_allergies(node)
+        if isinstance(node, WeanedLeaf):
+            return self._weaned(node)
+        if isinstance(node, PregnancyUnknownLeaf):
+            return self._pregnancy_unknown(node)
+        if isinstance(node, IncompleteLeaf):
+            return [Evidence(ref=what, what=what, matched="", status=why, indicator=rule.indicator)
+                    for what, why in self.record.unavailable.items()]
+        raise TypeError(f"unknown rule node {type(node).__name__}")  # unreachable: the grammar is closed
+
+    def _conditions(self, rule: Rule, leaf: ConditionLeaf) -> list[Evidence]:
+        spec = leaf.condition
+        vs = self.kb.vs(spec.in_)
+        not_in = [self.kb.vs(n) for n in spec.not_in]
+        found = []
+        for fact in self.record.conditions:
+            if not spec.history and not fact.is_current(self.today):
+                continue
+            match = vs.match(fact.code)
+            if match is None or any(n.match(fact.code) for n in not_in):
+                continue
+            indicator = spec.indicator or rule.indicator
+            notes = []
+            if spec.recent is not None:
+                window = getattr(self.settings, spec.recent.days_setting)
+                since = fact.onset or fact.recorded
+                recent = since is not None and since >= self.today - timedelta(days=window)
+                acute = (spec.recent.in_ is not None and fact.is_current(self.today)
+                         and self.kb.vs(spec.recent.in_).match(fact.code) is not None)
+                if recent or acute:
+                    indicator = spec.recent.indicator
+                    notes.append(f"recent (within {window} days)" if recent else "recorded as acute and active")
+            if spec.site:
+                site = self._site(fact, spec.site_unknown_indicator, indicator)
+                if site is None:
+                    continue
+                indicator, note = site
+                notes.append(note)
+            found.append(self._evidence(fact, f"{match.by} ({match.what})", indicator, notes))
+        return found
+
+    def _site(self, fact: Fact, unknown: str, known: str) -> tuple[str, str] | None:
+        sites = self.kb.sites
+        lesion = sites.classify(fact.body_site) if fact.body_site.codings or fact.body_site.texts \
+            else sites.classify(fact.code)
+        results: list[tuple[str, str]] = []
+        for order in self.orders:
+            if not lesion or not order.sites:
+                side = "the lesion's site" if not lesion else "the order's treatment site"
+                results.append((unknown, f"{side} is not recorded, so it may be in the treatment area"))
+            elif sites.overlap(lesion, order.sites):
+                results.append((known, f"site {', '.join(sorted(lesion))} is in the treatment area "
+                                       f"({', '.join(sorted(order.sites))})"))
+        if not results:
+            return None  # a lesion elsewhere than every treatment area
+        return max(results, key=lambda r: INDICATOR_RANK[r[0]])
+
+    def _evidence(self, fact: Fact, matched: str, indicator: str, notes: list[str]) -> Evidence:
+        if fact.unconfirmed:
+            notes = [*notes, "unconfirmed"]
+        return Evidence(ref=fact.ref, what=fact.code.label, matched=matched, status=fact.status_text,
+                        when=fact.onset or fact.recorded, indicator=indicator, notes=notes, raw=fact.raw)
+
+    def _latest(self, spec_code: str, max_age_days: int) -> ObservationFact | None:
+        """The latest Observation of this code, if it is recent enough to be used."""
+        vs = self.kb.vs(spec_code)
+        candidates = [o for o in self.record.observations if vs.match(o.code)]
+        if not candidates:
+            return None
+        latest = max(candidates, key=lambda o: (o.when is not None, o.when))
+        if latest.when is None or latest.when.date() < self.today - timedelta(days=max_age_days):
+            return None  # stale or undated: counts as unknown
+        return latest
+
+    def _observation(self, rule: Rule, spec: ObservationSpec) -> list[Evidence]:
+        latest = self._latest(spec.code, getattr(self.settings, spec.max_age_setting))
+        if latest is None:
+            return []
+        match = self.kb.vs(spec.answer).match(latest.value)
+        if match is not None:
+            how = f"answer {match.what}" if match.by == "code" else f"answer text \"{match.what}\""
+        elif spec.boolean is not None and latest.value_boolean is spec.boolean:
+            how = f"answer {str(spec.boolean).lower()}"
+        else:
+            return []
+        ev = Evidence(ref=latest.ref, what=f"{latest.code.label}: {latest.value.label if match else how}",
+                      matched=how, status=latest.status or "", when=latest.onset,
+                      indicator=spec.indicator or rule.indicator, raw=latest.raw)
+        return [ev]
+
+    def _medications(self, rule: Rule, leaf: MedicationLeaf) -> list[Evidence]:
+        vs = self.kb.vs(leaf.medication.in_)
+        found = []
+        for fact in self.record.medications:
+            if fact.ref in self.record.draft_ids:
+                continue  # the orders being signed are not the patient's current medication
+            match = vs.match(fact.code)
+            if match is not None:
+                found.append(self._evidence(fact, f"{match.by} ({match.what})",
+                                            leaf.medication.indicator or rule.indicator, []))
+        return found
+
+    def _current_allergies(self, no_known: str) -> list[Fact]:
+        nka = self.kb.vs(no_known)
+        return [a for a in self.record.allergies if a.is_current(self.today) and nka.match(a.code) is None]
+
+    def _allergies(self, rule: Rule, leaf: AllergyLeaf) -> list[Evidence]:
+        spec = leaf.allergy
+        severe = self.kb.vs(spec.critical_manifestations)
+        found = []
+        for fact in self._current_allergies(spec.no_known):
+            notes = []
+            indicator = rule.indicator
+            if fact.criticality == "high":
+                indicator, notes = spec.severe_indicator, ["criticality high"]
+            if (m := severe.match(fact.manifestations)) is not None:
+                indicator = spec.severe_indicator
+                notes.append(f"reaction: {m.what}")
+            found.append(self._evidence(fact, "an active allergy record", indicator, notes))
+        return found
+
+    def _ingredient_allergies(self, leaf: IngredientAllergyLeaf) -> list[Evidence]:
+        kb = self.kb
+        found = []
+        for fact in self._current_allergies(leaf.ingredient_allergy.no_known):
+            agent: Coded = fact.code.merged(fact.substances)  # type: ignore[attr-defined]
+            allergens = ingredients_in(kb, agent)
+            classes = {cid for cid, m in kb.class_text if any(m.search(t) for t in agent.all_texts())}
+            best: tuple[str, str] | None = None
+            for order in self.orders:
+                for ing in order.ingredients:
+                    ingredient = kb.ingredients[ing.id]
+                    source = f"{ingredient.display} in {order.ref} (from {ing.source})"
+                    if ing.id in allergens:
+                        hit = ("critical", f"allergen matches ordered ingredient {source}")
+                    elif ingredient.ingredient_class in classes:
+                        hit = ("critical", f"allergy to the class of ordered ingredient {source}")
+                    elif ingredient.ingredient_class and any(
+                            kb.ingredients[a].ingredient_class == ingredient.ingredient_class for a in allergens):
+                        cls = kb.ingredient_classes[ingredient.ingredient_class].display
+                        hit = (leaf.ingredient_allergy.related_indicator,
+                               f"related agent of the same class ({cls}) as ordered ingredient {source}: "
+                               "possible cross-reactivity")
+                    else:
+                        continue
+                    if best is None or INDICATOR_RANK[hit[0]] > INDICATOR_RANK[best[0]]:
+                        best = hit
+            if best is not None:
+                found.append(self._evidence(fact, "allergen compared with the ordered product", best[0], [best[1]]))
+        return found
+
+    def _weaned(self, leaf: WeanedLeaf) -> list[Evidence]:
+        spec = leaf.weaned
+        kb = self.kb
+        months = self.settings.weaning_wait_months
+        cutoff = _months_before(self.today, months)
+        found = []
+        lactation = kb.vs(spec.conditions)
+        for fact in self.record.conditions:
+            if fact.abatement and cutoff < fact.abatement <= self.today and lactation.match(fact.code):
+                found.append(Evidence(fact.ref, fact.code.label, f"breastfeeding ended {fact.abatement}",
+                                      fact.status_text, fact.abatement, "warning",
+                                      [f"ended less than {months} months ago"], fact.raw))
+        status_vs, yes, no = kb.vs(spec.observation), kb.vs(spec.feeding_answers), kb.vs(spec.weaned_answers)
+        series = sorted((o for o in self.record.observations if o.when and status_vs.match(o.code)),
+                        key=lambda o: o.when)  # type: ignore[arg-type, return-value]
+        last_yes = None
+        for i, obs in enumerate(series):
+            if yes.match(obs.value) or obs.value_boolean is True:
+                last_yes = i
+        if last_yes is not None:
+            for obs in series[last_yes + 1:]:
+                if no.match(obs.value) or obs.value_boolean is False:
+                    ended = obs.when.date()  # type: ignore[union-attr]
+                    if cutoff < ended <= self.today:
+                        found.append(Evidence(obs.ref, f"{obs.code.label}: {obs.value.label}",
+                                              "first \"not currently breastfeeding\" after breastfeeding",
+                                              obs.status or "", ended, "warning",
+                                              [f"ended less than {months} months ago"], obs.raw))
+                    break
+        return found
+
+    def _pregnancy_unknown(self, leaf: PregnancyUnknownLeaf) -> list[Evidence]:
+        spec = leaf.pregnancy_status_unknown
+        patient = self.record.patient
+        if patient.gender not in spec.genders:
+            return []
+        age = patient.age(self.today)
+        s = self.settings
+        if age is not None and not s.childbearing_age_min <= age <= s.childbearing_age_max:
+            return []
+        window = self.today - timedelta(days=s.pregnancy_status_max_age_days)
+        pregnancy = self.kb.vs(spec.conditions)
+        for fact in self.record.conditions:
+            latest = max((d for d in (fact.abatement, fact.recorded, fact.onset) if d), default=None)
+            if pregnancy.match(fact.code) and (fact.is_current(self.today) or (latest and latest >= window)):
+                return []
+        if self._latest(spec.observation, s.pregnancy_status_max_age_days) is not None:
+            return []
+        note = f"no pregnancy status or pregnancy record in the last {s.pregnancy_status_max_age_days} days"
+        age_text = f"{age} years" if age is not None else "age not recorded"
+        return [Evidence(f"Patient/{patient.id}", f"{patient.gender}, {age_text}", "patient demographics",
+                         note, None, "info", [], None)]
+
+
+def _dedupe(evidence: list[Evidence]) -> list[Evidence]:
+    best: dict[str, Evidence] = {}
+    for e in evidence:
+        if e.ref not in best or INDICATOR_RANK[e.indicator] > INDICATOR_RANK[best[e.ref].indicator]:
+            best[e.ref] = e
+    return list(best.values())
+
+
+def _months_before(day: date, months: int) -> date:
+    year, month = divmod(day.month - 1 - months, 12)
+    target_year, target_month = day.year + year, month + 1
+    for d in (day.day, 30, 29, 28):
+        try:
+            return date(target_year, target_month, d)
+        except ValueError:
+            continue
+    raise ValueError(day)  # unreachable
+
+
+def evaluate(kb: KnowledgeBase, record: PatientRecord, orders: list[Order], today: date,
+             settings: Settings) -> list[Finding]:
+    return Evaluation(kb, record, orders, today, settings).run()

@@ -1,0 +1,68 @@
+"""Service settings, read from `CDS_*` environment variables (see the README's table)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON array or a comma-separated string for list settings."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CDS_", extra="ignore", env_ignore_empty=True)
+
+    env: Literal["dev", "test", "prod"] = "dev"
+    knowledge_dir: Path = ROOT / "cards"
+    public_base_url: str | None = None
+    log_level: str = "INFO"
+
+    # FHIR access (CDS Hooks "FHIR Resource Access")
+    allowed_fhir_servers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allow_loopback_fhir: bool | None = None  # default: True in dev, False otherwise
+    fhir_anonymous: bool | None = None  # fetch without fhirAuthorization; default: True in dev only
+    fhir_timeout_s: float = 0.5
+    deadline_s: float = 0.8
+    fhir_max_pages: int = 20
+
+    # clinical policy (knowledge parameters a clinic can tune)
+    weaning_wait_months: int = 6
+    mi_recent_days: int = 180
+    pregnancy_status_max_age_days: int = 294  # 42 weeks
+    breastfeeding_status_max_age_days: int = 365
+    childbearing_age_min: int = 12
+    childbearing_age_max: int = 55
+
+    max_body_bytes: int = 1_048_576
+
+    @field_validator("allowed_fhir_servers", mode="before")
+    @classmethod
+    def _parse_servers(cls, value: Any) -> Any:
+        return [s.rstrip("/") for s in _split_list(value)]
+
+    @property
+    def loopback_fhir_allowed(self) -> bool:
+        return self.env == "dev" if self.allow_loopback_fhir is None else self.allow_loopback_fhir
+
+    @property
+    def anonymous_fhir_allowed(self) -> bool:
+        return self.env == "dev" if self.fhir_anonymous is None else self.fhir_anonymous
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,127 @@
+"""Shared fixtures: the real service under uvicorn on 127.0.0.1, and a real FHIR server (Medplum, Node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fhirserver import FhirServer
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    """`python -m cds` in a subprocess, as `make run` starts it."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
+        self.env.update({"HOST": "127.0.0.1", "PORT": str(self.port), "CDS_LOG_LEVEL": "WARNING"})
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Service:
+        self.proc = subprocess.Popen([sys.executable, "-m", "cds"], cwd=ROOT, env=self.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{out}")
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("service did not start within 30 s")
+
+    def stop(self) -> str:
+        if self.proc is None:
+            return ""
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out.decode(errors="replace")
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="session")
+def service() -> Iterator[Service]:
+    with Service({"CDS_ENV": "dev"}) as svc:
+        yield svc
+
+
+@pytest.fixture
+def client(service: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.base_url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def fhir_server() -> Iterator[FhirServer]:
+    with FhirServer(token="fhir-test-token") as fs:
+        yield fs
+
+
+_RELATIVE = re.compile(r"\$\{today(?:([+-])(\d+)([dwmy]))?\}")
+
+
+def _shift(today: date, sign: str, n: int, unit: str) -> date:
+    n = n if sign == "+" else -n
+    if unit == "d":
+        return today + timedelta(days=n)
+    if unit == "w":
+        return today + timedelta(weeks=n)
+    months = n * (12 if unit == "y" else 1)
+    year, month = divmod(today.month - 1 + months, 12)
+    for day in (today.day, 30, 29, 28):
+        try:
+            return date(today.year + year, month + 1, day)
+        except ValueError:
+            continue
+    raise ValueError(today)
+
+
+def with_dates(value: Any, today: date | None = None) -> Any:
+    """Replace `${today}`, `${today-30d}`, `${today+2w}`, `${today-7m}`, `${today-3y}` with ISO dates."""
+    today = today or date.today()
+    if isinstance(value, str):
+        return _RELATIVE.sub(lambda m: (_shift(today, m.group(1), int(m.group(2)), m.group(3)) if m.group(1)
+                                        else today).isoformat(), value)
+    if isinstance(value, list):
+        return [with_dates(v, today) for v in value]
+    if isinstance(value, dict):
+        return {k: with_dates(v, today) for k, v in value.items()}
+    return value
+
+
+def load_fixture(relative: str) -> Any:
+    return with_dates(json.loads((FIXTURES / relative).read_text(encoding="utf-8")))

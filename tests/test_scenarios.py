@@ -1,0 +1,40 @@
+"""The scenario corpus: whole hook requests sent to the running service, and the cards they must produce."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import FIXTURES, with_dates
+
+SCENARIOS = sorted((FIXTURES / "scenarios").glob("*.json"))
+
+
+def topics(response: httpx.Response) -> dict[str, str]:
+    cards = response.json()["cards"]
+    found: dict[str, str] = {}
+    for card in cards:
+        topic = card["source"]["topic"]["code"]
+        assert topic not in found, f"two cards for topic {topic}"
+        found[topic] = card["indicator"]
+    return found
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(SCENARIOS) >= 30
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_scenario(path: Path, client: httpx.Client) -> None:
+    scenario = json.loads(path.read_text(encoding="utf-8"))
+    request = with_dates(scenario["request"])
+    response = client.post("/cds-services/mesotherapy-contraindications", json=request)
+    expect = scenario["expect"]
+    assert response.status_code == expect["status"], response.text
+    if expect["status"] != 200:
+        assert response.json()["resourceType"] == "OperationOutcome"
+        return
+    assert topics(response) == expect["cards"], json.dumps(response.json(), indent=1)[:3000]
