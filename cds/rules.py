@@ -126,7 +126,8 @@ class Evaluation:
                 window = getattr(self.settings, spec.recent.days_setting)
                 since = fact.onset or fact.recorded
                 recent = since is not None and since >= self.today - timedelta(days=window)
-                acute = (spec.recent.in_ is not None and fact.is_current(self.today)
+                # An acute code left active for years is a stale record: "acute" decides only when undated.
+                acute = (since is None and spec.recent.in_ is not None and fact.is_current(self.today)
                          and self.kb.vs(spec.recent.in_).match(fact.code) is not None)
                 if recent or acute:
                     indicator = spec.recent.indicator
