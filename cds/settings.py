@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,10 +26,24 @@ def _split_list(value: Any) -> Any:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CDS_", extra="ignore", env_ignore_empty=True)
 
-    env: Literal["dev", "test", "prod"] = "dev"
+    env: Literal["dev", "test", "prod"] = "prod"  # `make run` sets dev; a bare start is production-strict
     knowledge_dir: Path = ROOT / "cards"
     public_base_url: str | None = None
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    # Trusting CDS clients (issue 4)
+    require_jwt: bool | None = None  # default: True, except in dev
+    trusted_issuers: str | None = None  # JSON inline, or a path to a JSON/YAML file
+    jwt_leeway_s: int = 60
+    jwks_cache_s: int = 3600
+    jwks_refresh_interval_s: float = 30.0  # at most one refetch per issuer per interval on an unknown kid
+    pseudonym_key: SecretStr | None = None
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Storage (issue 5): SQLite in data_dir unless a database URL is given
+    data_dir: Path = ROOT / "data"
+    database_url: str | None = None
 
     # FHIR access (CDS Hooks "FHIR Resource Access")
     allowed_fhir_servers: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -53,6 +67,27 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_servers(cls, value: Any) -> Any:
         return [s.rstrip("/") for s in _split_list(value)]
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @property
+    def jwt_required(self) -> bool:
+        return self.env != "dev" if self.require_jwt is None else self.require_jwt
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL for SQLAlchemy's async engine (SQLite file in data_dir by default)."""
+        if self.database_url:
+            url = self.database_url
+            for plain, driver in (("postgresql://", "postgresql+asyncpg://"), ("postgres://", "postgresql+asyncpg://"),
+                                  ("sqlite:///", "sqlite+aiosqlite:///")):
+                if url.startswith(plain):
+                    return driver + url[len(plain):]
+            return url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'cds.sqlite3'}"
 
     @property
     def loopback_fhir_allowed(self) -> bool:
