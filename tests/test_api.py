@@ -1,0 +1,203 @@
+"""The HTTP contract: discovery, request validation, error bodies, card shape (CDS Hooks 2.0)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+
+from conftest import load_fixture
+
+SERVICE = "/cds-services/mesotherapy-contraindications"
+RESTRICTED_QUERY = re.compile(r"^[A-Z][A-Za-z]+(/\{\{context\.\w+\}\}|\?[\w\-:.]+=[^&]+(&[\w\-:.]+=[^&]+)*)$")
+
+
+def scenario_request(name: str) -> dict[str, Any]:
+    return load_fixture(f"scenarios/{name}.json")["request"]
+
+
+def assert_no_empty_values(value: Any, path: str = "$") -> None:
+    """CDS Hooks "Use of JSON": no null, "", [] or {} anywhere (the response's own `cards: []` aside)."""
+    assert value not in (None, "", [], {}), f"empty value at {path}"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert_no_empty_values(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            assert_no_empty_values(v, f"{path}[{i}]")
+
+
+def assert_valid_card(card: dict[str, Any], draft_refs: set[str]) -> None:
+    assert re.fullmatch(r"[0-9a-f-]{36}", card["uuid"])
+    assert isinstance(card["summary"], str) and 0 < len(card["summary"]) < 140
+    assert card["indicator"] in ("info", "warning", "critical")
+    source = card["source"]
+    assert source["label"] and urlsplit(source["url"]).scheme in ("http", "https")
+    assert source["topic"]["system"] and source["topic"]["code"] and source["topic"]["display"]
+    assert card["selectionBehavior"] == "at-most-one"
+    assert card["suggestions"][0]["label"] == "Remove the mesotherapy order"
+    for suggestion in card["suggestions"]:
+        assert suggestion["label"] and suggestion["uuid"]
+        for action in suggestion.get("actions", []):
+            assert action["type"] in ("create", "update", "delete") and action["description"]
+            if action["type"] == "delete":
+                assert action["resourceId"] in draft_refs
+            else:
+                get_fhir_model_class(action["resource"]["resourceType"]).model_validate(action["resource"])
+    assert card["overrideReasons"]
+    for reason in card["overrideReasons"]:
+        assert reason["system"] and reason["code"] and reason["display"]
+    for link in card["links"]:
+        assert link["label"] and link["type"] == "absolute" and urlsplit(link["url"]).scheme in ("http", "https")
+    assert "**What was found**" in card["detail"]
+
+
+def test_discovery_lists_the_service_for_both_hooks(client: httpx.Client) -> None:
+    response = client.get("/cds-services")
+    assert response.status_code == 200
+    services = response.json()["services"]
+    assert [(s["id"], s["hook"]) for s in services] == [
+        ("mesotherapy-contraindications", "order-select"), ("mesotherapy-contraindications", "order-sign")]
+    for s in services:
+        assert s["title"] and s["description"] and s["usageRequirements"]
+        assert set(s["prefetch"]) == {"patient", "conditions", "allergies", "pregnancyStatus", "breastfeedingStatus",
+                                      "medicationRequests", "medicationStatements"}
+        for template in s["prefetch"].values():
+            assert RESTRICTED_QUERY.match(template), template
+            assert "draftOrders" not in template and "selections" not in template
+        assert "82810-3" in s["prefetch"]["pregnancyStatus"] and "63895-7" in s["prefetch"]["breastfeedingStatus"]
+    assert_no_empty_values(response.json())
+
+
+def test_cards_are_valid_and_ordered_by_urgency(client: httpx.Client) -> None:
+    request = scenario_request("ingredient-allergy-lidocaine-plus-penicillin")
+    request["prefetch"]["conditions"]["entry"] = scenario_request(
+        "pregnancy-active-condition-snomed")["prefetch"]["conditions"]["entry"]
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200
+    body = response.json()
+    assert_no_empty_values(body)
+    cards = body["cards"]
+    assert len(cards) >= 3
+    ranks = [{"critical": 0, "warning": 1, "info": 2}[c["indicator"]] for c in cards]
+    assert ranks == sorted(ranks)
+    drafts = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in request["context"]["draftOrders"]["entry"]}
+    for card in cards:
+        assert_valid_card(card, drafts)
+    assert len({c["uuid"] for c in cards}) == len(cards)
+
+
+def test_card_detail_cites_evidence_and_source(client: httpx.Client) -> None:
+    response = client.post(SERVICE, json=scenario_request("pregnancy-active-condition-snomed"))
+    card = response.json()["cards"][0]
+    assert card["summary"] == "Mesotherapy contraindicated: active pregnancy"
+    assert "Condition/" in card["detail"] and "77386006" in card["detail"]
+    assert "matched code" in card["detail"] and "Seed article" in card["detail"]
+    page = httpx.get(card["links"][0]["url"])
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "version 1" in page.text and "absolute contraindications" in page.text
+
+
+def test_no_mesotherapy_order_gives_empty_cards(client: httpx.Client) -> None:
+    response = client.post(SERVICE, json=scenario_request("order-select-only-lab-selected-no-cards"))
+    assert response.status_code == 200
+    assert response.json() == {"cards": []}
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [
+    (lambda r: r.pop("hook"), "hook"),
+    (lambda r: r.pop("hookInstance"), "hookInstance"),
+    (lambda r: r.update(hookInstance="not-a-uuid"), "hookInstance"),
+    (lambda r: r.pop("context"), "context"),
+    (lambda r: r["context"].pop("patientId"), "context.patientId"),
+    (lambda r: r["context"].pop("userId"), "context.userId"),
+    (lambda r: r["context"].pop("selections"), "context.selections"),
+    (lambda r: r["context"].update(selections=[]), "context.selections"),
+    (lambda r: r["context"].update(selections=["ServiceRequest/not-there"]), "context.selections[0]"),
+    (lambda r: r["context"].pop("draftOrders"), "context.draftOrders"),
+    (lambda r: r["context"].update(draftOrders=[1, 2]), "context.draftOrders"),
+    (lambda r: r.update(fhirAuthorization={"access_token": "t", "token_type": "Bearer"}), "fhirServer"),
+    (lambda r: r.update(fhirServer="ftp://x", fhirAuthorization={"access_token": "t"}), "fhirServer"),
+    (lambda r: r.update(hook="patient-view"), "hook"),
+    (lambda r: r.update(prefetch=[1]), "prefetch"),
+], ids=["no-hook", "no-hookInstance", "bad-hookInstance", "no-context", "no-patientId", "no-userId",
+        "no-selections", "empty-selections", "unknown-selection", "no-draftOrders", "draftOrders-not-bundle",
+        "auth-without-server", "bad-fhirServer", "unserved-hook", "prefetch-not-object"])
+def test_bad_requests_get_400_naming_the_problem(client: httpx.Client, mutate: Any, expected: str) -> None:
+    request = copy.deepcopy(scenario_request("pregnancy-active-condition-snomed"))
+    mutate(request)
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    outcome = response.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["expression"] == [expected]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[]", b'"text"', b"[" * 5000 + b"]" * 5000],
+                         ids=["malformed", "empty", "array", "string", "deeply-nested"])
+def test_malformed_bodies_get_400(client: httpx.Client, body: bytes) -> None:
+    response = client.post(SERVICE, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_body_over_the_limit_gets_413(client: httpx.Client) -> None:
+    response = client.post(SERVICE, content=b"{" + b" " * 1_100_000 + b"}", headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_unknown_service_gets_404(client: httpx.Client) -> None:
+    response = client.post("/cds-services/something-else", json=scenario_request("pregnancy-active-condition-snomed"))
+    assert response.status_code == 404
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_extensions_and_unknown_fields_are_tolerated(client: httpx.Client) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    request["extension"] = {"org.example.flag": True}
+    request["version"] = "3.0"
+    request["context"]["extension"] = {"org.example.x": 1}
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200
+    assert response.json()["cards"][0]["source"]["topic"]["code"] == "pregnancy"
+
+
+def test_dstu2_medication_order_does_not_crash(client: httpx.Client) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    request["hook"] = "order-sign"
+    request["context"].pop("selections", None)
+    request["context"]["draftOrders"]["entry"].append({"resource": {
+        "resourceType": "MedicationOrder", "id": "mo-1", "status": "draft",
+        "medicationCodeableConcept": {"text": "Mesotherapy cocktail with lidocaine"},
+        "dosageInstruction": [{"text": "intradermal"}]}})
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200
+    card = response.json()["cards"][0]
+    assert card["source"]["topic"]["code"] == "pregnancy"
+    deletes = {a["resourceId"] for a in card["suggestions"][0]["actions"]}
+    assert "MedicationOrder/mo-1" in deletes
+
+
+def test_garbage_resources_in_prefetch_do_not_crash(client: httpx.Client) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    request["prefetch"]["allergies"] = {"resourceType": "Bundle", "entry": [
+        {"resource": {"resourceType": "AllergyIntolerance", "id": 5, "code": "peanut", "reaction": "bad"}},
+        {"resource": "not an object"}, 7, {"fullUrl": "x"}]}
+    request["prefetch"]["conditions"]["entry"].append({"resource": {"resourceType": "Condition", "code": [1, {}],
+                                                                    "clinicalStatus": 3, "onsetDateTime": "garbage"}})
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200, response.text
+    found = {c["source"]["topic"]["code"] for c in response.json()["cards"]}
+    assert "pregnancy" in found
+
+
+def test_health_endpoints(client: httpx.Client) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200

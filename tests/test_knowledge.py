@@ -1,0 +1,105 @@
+"""cards/ is validated strictly at start-up: a broken knowledge base stops the service with a reason."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cds.errors import KnowledgeError
+from cds.knowledge import SUMMARY_LIMIT, load_knowledge
+from conftest import ROOT
+
+CARDS = ROOT / "cards"
+TOPICS = {"pregnancy", "breastfeeding", "recently-weaned", "pregnancy-status-unknown", "allergy-history",
+          "ingredient-allergy", "insulin-dependent-diabetes", "cardiovascular-disease", "myocardial-infarction",
+          "cancer-history", "bleeding-risk", "treatment-area-lesion", "immunosuppression", "screening-incomplete"}
+
+
+def test_shipped_knowledge_loads_with_every_topic() -> None:
+    kb = load_knowledge(CARDS)
+    assert {r.id for r in kb.rules} == TOPICS
+    for rule in kb.rules:
+        assert rule.version >= 1 and rule.source.citation and rule.source.quote
+        assert all(len(s) < SUMMARY_LIMIT for s in rule.summary.values())
+    assert kb.by_id["immunosuppression"].extension  # marked as going beyond the seed articles
+
+
+def test_rules_cite_seed_articles_that_exist() -> None:
+    seeds = ROOT.parent / "shared" / "seeds"
+    for path in (CARDS / "rules").glob("*.yaml"):
+        seed = yaml.safe_load(path.read_text())["source"]["seed"].split()[0]
+        assert seed.endswith(".txt")
+        if seeds.is_dir():
+            assert (seeds / seed).is_file(), f"{path.name} cites missing seed {seed}"
+
+
+def test_no_unverified_code_ships() -> None:
+    for path in (CARDS / "valuesets").glob("*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        for entry in data.get("codes", []) + data.get("prefixes", []):
+            assert entry["verified"] in ("V", "V2", "derived", "local"), (path.name, entry)
+
+
+def edit(path: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        file = root / path
+        data = yaml.safe_load(file.read_text())
+        change(data)
+        file.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return apply
+
+
+BROKEN = {
+    "unknown-field": (edit("rules/pregnancy.yaml", lambda d: d.update(colour="red")), "colour"),
+    "dangling-value-set": (edit("rules/cancer-history.yaml", lambda d: d["when"]["condition"].update(
+        **{"in": "no-such-set"})), "unknown value set 'no-such-set'"),
+    "duplicate-id": (lambda root: (root / "rules/pregnancy.yaml").write_text(
+        (root / "rules/pregnancy.yaml").read_text().replace("id: pregnancy\n", "id: breastfeeding\n")),
+        "must equal the file name"),
+    "long-summary": (edit("rules/pregnancy.yaml", lambda d: d["summary"].update(critical="x" * 140)),
+                     "CDS Hooks needs < 140"),
+    "unverified-code": (edit("valuesets/cancer.yaml", lambda d: d["codes"][0].update(verified="U")), "verified"),
+    "unknown-override-reason": (edit("rules/pregnancy.yaml", lambda d: d["override_reasons"].append("because")),
+                                "unknown override reason 'because'"),
+    "unknown-node": (edit("rules/pregnancy.yaml", lambda d: d.update(when={"laboratory": {}})), "laboratory"),
+    "invalid-suggested-resource": (edit("rules/pregnancy.yaml", lambda d: d["suggestions"][0]["create"][
+        "resource"].pop("intent")), "not valid R4"),
+    "bad-regex": (edit("valuesets/cancer.yaml", lambda d: d["text"].append("(unclosed")), "bad text pattern"),
+    "unknown-ingredient": (edit("orderables.yaml", lambda d: d["default_formulation"].append("unobtainium")),
+                           "unobtainium"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_invalid_knowledge_is_refused_with_a_reason(name: str, tmp_path: Path) -> None:
+    root = tmp_path / "cards"
+    shutil.copytree(CARDS, root)
+    change, message = BROKEN[name]
+    change(root)
+    with pytest.raises(KnowledgeError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_knowledge(root)
+
+
+def test_duplicate_ids_across_files_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "cards"
+    shutil.copytree(CARDS, root)
+    shutil.copy(root / "rules/pregnancy.yaml", root / "rules/pregnancy-copy.yaml")
+    with pytest.raises(KnowledgeError):
+        load_knowledge(root)
+
+
+def test_service_refuses_to_start_on_invalid_knowledge(tmp_path: Path) -> None:
+    root = tmp_path / "cards"
+    shutil.copytree(CARDS, root)
+    BROKEN["dangling-value-set"][0](root)
+    result = subprocess.run([sys.executable, "-m", "cds"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "CDS_ENV": "dev", "CDS_KNOWLEDGE_DIR": str(root),
+                                 "PORT": "1"})
+    assert result.returncode == 2
+    assert "no-such-set" in result.stdout + result.stderr
