@@ -19,7 +19,7 @@ UNCONFIRMED = {"unconfirmed", "provisional", "differential", "presumed"}
 CURRENT_CLINICAL = {"active", "recurrence", "relapse"}
 COUNTED_OBSERVATION = {"final", "amended", "corrected"}
 COUNTED_REQUEST = {"active", "on-hold"}
-COUNTED_STATEMENT = {"active", "on-hold", "intended", "recorded"}  # R5 `recorded`, unless adherence says not
+COUNTED_STATEMENT = {"active", "on-hold", "recorded"}  # R5 `recorded`, unless adherence says not taking
 NOT_TAKING = {"not-taking", "not-taken", "stopped", "on-hold-not-taking"}
 
 
