@@ -181,6 +181,8 @@ def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str]) -> Pa
         "MedicationStatement": (read_medication, record.medications),
         "MedicationOrder": (read_medication, record.medications),
     }
+    medications = {f"Medication/{r.get('id')}": r for resources in gathered.data.values() for r in resources
+                   if r.get("resourceType") == "Medication"}
     seen: set[str] = set()
     for key, resources in gathered.data.items():
         if key == "patient":
@@ -192,7 +194,7 @@ def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str]) -> Pa
                 continue
             seen.add(ident)
             reader, target = readers[rtype]
-            fact = reader(raw)  # type: ignore[operator]
+            fact = reader(raw, medications) if reader is read_medication else reader(raw)  # type: ignore[operator]
             if fact is not None:
                 target.append(fact)  # type: ignore[attr-defined]
     return record

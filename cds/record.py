@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .fhirjson import Coded, choice, choice_date, coded, parse_date, parse_instant, status_code
+from .fhirjson import Coded, choice, choice_date, coded, parse_date, parse_instant, ref_key, status_code
 
 EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
 UNCONFIRMED = {"unconfirmed", "provisional", "differential", "presumed"}
@@ -190,8 +190,11 @@ def read_observation(raw: dict[str, Any]) -> ObservationFact | None:
     )
 
 
-def read_medication(raw: dict[str, Any]) -> Fact | None:
-    """MedicationRequest / MedicationStatement (and DSTU2 MedicationOrder) the patient is taking now."""
+def read_medication(raw: dict[str, Any], medications: dict[str, dict[str, Any]] | None = None) -> Fact | None:
+    """MedicationRequest / MedicationStatement (and DSTU2 MedicationOrder) the patient is taking now.
+
+    `medications` maps `Medication/id` to Medication resources that came in the same Bundles (`_include`).
+    """
     rtype = raw.get("resourceType")
     status = raw.get("status")
     if rtype == "MedicationStatement":
@@ -203,11 +206,12 @@ def read_medication(raw: dict[str, Any]) -> Fact | None:
             return None
     elif status not in COUNTED_REQUEST or raw.get("doNotPerform") is True:
         return None
-    return Fact(**_base(raw, medication_code(raw)), clinical=status)
+    return Fact(**_base(raw, medication_code(raw, medications)), clinical=status)
 
 
-def medication_code(raw: dict[str, Any]) -> Coded:
-    """The medication of a request/statement: R4 medication[x], R5 medication.concept, contained Medication."""
+def medication_code(raw: dict[str, Any], medications: dict[str, dict[str, Any]] | None = None) -> Coded:
+    """The medication of a request/statement: R4 medication[x], R5 medication.concept, or the referenced
+    Medication (contained, or included in the same Bundle) with its ingredients."""
     med = coded(raw.get("medicationCodeableConcept"))
     r5 = raw.get("medication")
     if isinstance(r5, dict):
@@ -216,6 +220,8 @@ def medication_code(raw: dict[str, Any]) -> Coded:
         ref = raw.get(key)
         if isinstance(ref, dict) and "reference" in ref:
             contained = contained_resource(raw, ref)
+            if contained is None and medications:
+                contained = medications.get(ref_key(str(ref["reference"])))
             if contained is not None:
                 med = med.merged(coded(contained.get("code")))
                 for ing in contained.get("ingredient") or []:

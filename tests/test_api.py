@@ -201,3 +201,19 @@ def test_garbage_resources_in_prefetch_do_not_crash(client: httpx.Client) -> Non
 def test_health_endpoints(client: httpx.Client) -> None:
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+def test_medication_included_in_the_bundle_is_resolved(client: httpx.Client) -> None:
+    request = scenario_request("type2-diabetes-metformin-no-card")
+    request["prefetch"]["medicationRequests"] = {"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": {"resourceType": "MedicationRequest", "id": "mr-ins", "status": "active", "intent": "order",
+                      "medicationReference": {"reference": "Medication/med-ins"},
+                      "subject": {"reference": f"Patient/{request['context']['patientId']}"}},
+         "search": {"mode": "match"}},
+        {"resource": {"resourceType": "Medication", "id": "med-ins",
+                      "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "274783",
+                                           "display": "insulin glargine"}]}},
+         "search": {"mode": "include"}}]}
+    response = client.post(SERVICE, json=request)
+    found = {c["source"]["topic"]["code"]: c["indicator"] for c in response.json()["cards"]}
+    assert found.get("insulin-dependent-diabetes") == "critical"
