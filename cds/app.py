@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return []
         gathered = await gather(body, settings, http)
         record = build_record(gathered, context["patientId"], set(drafts))
-        today = datetime.now(timezone.utc).date()
+        today = datetime.now(UTC).date()
         findings = evaluate(kb, record, orders, today, settings)
         return [card(f, orders, kb, base, record.patient.id) for f in findings]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 SNOMED = "http://snomed.info/sct"
@@ -159,11 +159,11 @@ def parse_instant(value: Any) -> datetime | None:
     try:
         if len(text) > 10:
             parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-            return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except ValueError:
         pass
     d = parse_date(text)
-    return datetime(d.year, d.month, d.day, tzinfo=timezone.utc) if d else None
+    return datetime(d.year, d.month, d.day, tzinfo=UTC) if d else None
 
 
 def choice(resource: dict[str, Any], prefix: str) -> tuple[str, Any] | None:

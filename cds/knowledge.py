@@ -106,7 +106,7 @@ class TextMatcher:
 
 
 def _union(patterns: Iterable[str]) -> re.Pattern[str] | None:
-    items = [p for p in patterns]
+    items = list(patterns)
     if not items:
         return None
     return re.compile("|".join(f"(?:{p})" for p in items))

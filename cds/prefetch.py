@@ -59,7 +59,7 @@ def render(template: str, context: dict[str, Any]) -> str:
     out = template
     for name, value in context.items():
         if isinstance(value, str):
-            out = out.replace("{{context.%s}}" % name, value)
+            out = out.replace("{{context." + name + "}}", value)
     return out
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from fhirserver import FhirServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,9 +9,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from fhir.resources.R4B import get_fhir_model_class
-
 from conftest import load_fixture
+from fhir.resources.R4B import get_fhir_model_class
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 RESTRICTED_QUERY = re.compile(r"^[A-Z][A-Za-z]+(/\{\{context\.\w+\}\}|\?[\w\-:.]+=[^&]+(&[\w\-:.]+=[^&]+)*)$")
@@ -86,7 +85,8 @@ def test_cards_are_valid_and_ordered_by_urgency(client: httpx.Client) -> None:
     assert len(cards) >= 3
     ranks = [{"critical": 0, "warning": 1, "info": 2}[c["indicator"]] for c in cards]
     assert ranks == sorted(ranks)
-    drafts = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in request["context"]["draftOrders"]["entry"]}
+    entries = request["context"]["draftOrders"]["entry"]
+    drafts = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in entries}
     for card in cards:
         assert_valid_card(card, drafts)
     assert len({c["uuid"] for c in cards}) == len(cards)
@@ -148,7 +148,8 @@ def test_malformed_bodies_get_400(client: httpx.Client, body: bytes) -> None:
 
 
 def test_body_over_the_limit_gets_413(client: httpx.Client) -> None:
-    response = client.post(SERVICE, content=b"{" + b" " * 1_100_000 + b"}", headers={"Content-Type": "application/json"})
+    body = b"{" + b" " * 1_100_000 + b"}"
+    response = client.post(SERVICE, content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert response.json()["resourceType"] == "OperationOutcome"
 

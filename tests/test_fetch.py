@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import free_port, load_fixture
 from fhirserver import FhirServer, RecordingServer
 from test_scenarios import topics

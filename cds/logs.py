@@ -1,0 +1,104 @@
+"""Logging: one JSON object per line (or plain text in dev), with bearer tokens and JWTs redacted.
+
+Every record passes a `RedactFilter` on the handler, so records propagated from any logger (uvicorn included)
+are scrubbed: `Bearer <token>`, anything shaped like a JWT (`eyJ...`) and `access_token` values become
+`[REDACTED]`. Extra fields given with `extra={...}` (hookInstance, patient pseudonym, ...) become JSON keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+REDACTED = "[REDACTED]"
+_PATTERNS = [
+    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9\-._~+/]+=*"), r"\1 " + REDACTED),
+    (re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"), REDACTED),
+    (re.compile(r"""(?i)(["']?access_token["']?\s*[:=]\s*["']?)[^"'&\s,}]+"""), r"\1" + REDACTED),
+]
+# attributes every LogRecord has; anything else on a record came from `extra=`
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+def redact(text: str) -> str:
+    """Replace bearer tokens, JWTs and access_token values in text with [REDACTED]."""
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+class RedactFilter(logging.Filter):
+    """Scrub secrets from the message (after %-formatting) and from string extra fields."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not lose the record
+            message = f"{record.msg!r} {record.args!r}"
+        record.msg, record.args = redact(message), None
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD:
+                setattr(record, key, _redact_value(value))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, extra fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """Plain text for a terminal; the traceback is redacted too."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (stdlib name)
+        return redact(super().formatException(ei))
+
+
+def configure_logging(level: str = "INFO", fmt: Literal["json", "text"] = "json") -> logging.Handler:
+    """Install one redacting stderr handler on the root logger; uvicorn's loggers propagate to it.
+
+    Start uvicorn with `log_config=None` so that it keeps this configuration.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RedactFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    return handler
