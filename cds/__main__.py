@@ -8,26 +8,29 @@ import sys
 
 import uvicorn
 
-from .errors import KnowledgeError
+from .errors import ConfigError, KnowledgeError
+from .logs import configure_logging
 from .settings import get_settings
 
 
 def main() -> int:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("cds")
     host = os.environ.get("HOST", "127.0.0.1")
     port = int(os.environ.get("PORT", "8080"))
     if settings.env == "dev":
-        logging.getLogger("cds").warning(
-            "DEV MODE: client JWTs are not verified and loopback FHIR servers are allowed; never use with real data")
+        log.warning("DEV MODE: client JWTs %s, loopback FHIR servers allowed; never use with real patient data",
+                    "are verified" if settings.jwt_required else "are NOT verified")
     try:
         from .app import create_app
 
         app = create_app(settings)
-    except KnowledgeError as exc:
-        logging.getLogger("cds").error("refusing to start: invalid knowledge in cards/: %s", exc)
+    except (KnowledgeError, ConfigError) as exc:
+        kind = "invalid knowledge in cards/" if isinstance(exc, KnowledgeError) else "unsafe configuration"
+        log.error("refusing to start: %s: %s", kind, exc)
         return 2
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower())
+    uvicorn.run(app, host=host, port=port, log_config=None, log_level=settings.log_level.lower())
     return 0
 
 

@@ -1,40 +1,52 @@
-"""The FastAPI application: discovery, the service endpoint, knowledge pages and health checks."""
+"""The FastAPI application: discovery, the service and feedback endpoints, knowledge pages, operations."""
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from .errors import CDSError, InvalidRequest, PayloadTooLarge, ServiceNotFound
+from . import __version__, metrics
+from .errors import CDSError, ConfigError, InvalidRequest, NotAuthenticated, PayloadTooLarge, ServiceNotFound
+from .feedback import parse_feedback
 from .hooks import SERVED_HOOKS, validate_request
 from .knowledge import KnowledgeBase, load_knowledge
 from .orders import draft_resources, find_mesotherapy
 from .prefetch import TEMPLATES, build_record, gather
 from .render import card
 from .rules import evaluate
+from .security import ClientVerifier, check_production_settings, pseudonym, pseudonym_key
 from .settings import Settings, get_settings
+from .store import IssuedCard, Store, StoreError, UnknownCard
 
 SERVICE_ID = "mesotherapy-contraindications"
+STORE_WRITE_WAIT_S = 0.25  # how long a hook answer waits for its audit write before answering anyway
 log = logging.getLogger("cds")
+
+
+class ServiceUnavailable(CDSError):
+    """A dependency the request cannot be answered without (the replay cache, the audit store) is down."""
+
+    status = 503
+    issue_code = "transient"
 
 
 def clean(value: Any) -> Any:
     """Drop None, empty strings, arrays and objects (CDS Hooks: never send them)."""
     if isinstance(value, dict):
-        out = {k: c for k, v in value.items() if (c := clean(v)) not in (None, "", [], {})}
-        return out
+        return {k: c for k, v in value.items() if (c := clean(v)) not in (None, "", [], {})}
     if isinstance(value, list):
         return [c for v in value if (c := clean(v)) not in (None, "", [], {})]
     return value
@@ -46,7 +58,9 @@ class FhirJSON(JSONResponse):
 
 
 def outcome_response(error: CDSError) -> Response:
-    return FhirJSON(error.to_operation_outcome(), status_code=error.status, media_type="application/fhir+json")
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, NotAuthenticated) else None
+    return FhirJSON(error.to_operation_outcome(), status_code=error.status, media_type="application/fhir+json",
+                    headers=headers)
 
 
 def discovery_document(kb: KnowledgeBase) -> dict[str, Any]:
@@ -59,26 +73,62 @@ def discovery_document(kb: KnowledgeBase) -> dict[str, Any]:
     ]}
 
 
+async def client_claims(request: Request) -> dict[str, Any]:
+    """CDS Hooks "Trusting CDS Clients": the EHR's JWT, verified for the exact endpoint called."""
+    verifier: ClientVerifier | None = request.app.state.verifier
+    if verifier is None:
+        return {}
+    try:
+        return await verifier.verify(request.headers.get("authorization"), request.url.path)
+    except NotAuthenticated as exc:
+        log.warning("client JWT rejected: %s", exc.message, extra={"path": request.url.path})
+        raise
+    except StoreError as exc:
+        log.error("JWT replay cache unavailable: %s", type(exc).__name__)
+        raise ServiceUnavailable("the service cannot verify callers right now; retry later") from None
+
+Client = Annotated[dict[str, Any], Depends(client_claims)]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; raises ConfigError or KnowledgeError (the service must not start) on bad configuration."""
     settings = settings or get_settings()
+    problems = check_production_settings(settings)
+    if problems:
+        raise ConfigError("; ".join(problems))
     kb = load_knowledge(settings.knowledge_dir, env=settings.env)
     discovery = discovery_document(kb)
+    patient_key = pseudonym_key(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _warm_up()
-        async with httpx.AsyncClient(follow_redirects=False,
-                                     limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)) as http:
+        store = await _open_store(settings)
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        async with httpx.AsyncClient(follow_redirects=False, limits=limits) as http:
             app.state.http = http
-            yield
+            app.state.store = store
+            app.state.verifier = ClientVerifier(settings, http, replay=store) if settings.jwt_required else None
+            app.state.pending = set()
+            try:
+                yield
+            finally:
+                if app.state.pending:
+                    await asyncio.wait(app.state.pending, timeout=5)
+                await store.close()
 
     app = FastAPI(title="Mesotherapy contraindication CDS service", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.kb = kb
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     @app.exception_handler(CDSError)
     async def _cds_error(request: Request, exc: CDSError) -> Response:
+        if isinstance(exc, NotAuthenticated):
+            return outcome_response(NotAuthenticated("authentication required"))  # the reason stays in the log
         return outcome_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -89,45 +139,96 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error")
+        log.exception("unexpected error", extra={"path": request.url.path})
         return outcome_response(CDSError("internal error; the event was logged"))
+
 
     def base_url(request: Request) -> str:
         return (settings.public_base_url or str(request.base_url)).rstrip("/")
 
     @app.get("/cds-services")
-    async def discover() -> Response:
+    async def discover(claims: Client) -> Response:
         return FhirJSON(discovery)
 
     @app.post("/cds-services/{service_id}")
-    async def call_service(service_id: str, request: Request) -> Response:
+    async def call_service(service_id: str, request: Request, claims: Client) -> Response:
         if service_id != SERVICE_ID:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         started = time.perf_counter()
         body = validate_request(await read_json(request, settings.max_body_bytes))
-        cards = await screen(body, request.app.state.http, base_url(request))
+        cards, patient = await screen(body, request.app.state.http, base_url(request))
+        elapsed = time.perf_counter() - started
+        metrics.REQUEST_LATENCY.labels(hook=body["hook"]).observe(elapsed)
+        for c in cards:
+            metrics.CARDS.labels(topic=c["source"]["topic"]["code"], indicator=c["indicator"]).inc()
+        if cards:
+            await audit(request.app, body, cards, patient)
         log.info("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
-                                         "cards": len(cards), "ms": round((time.perf_counter() - started) * 1000, 1)})
+                                         "patient": patient, "cards": len(cards), "ms": round(elapsed * 1000, 1)})
         return FhirJSON({"cards": [clean(c) for c in cards]})
 
-    async def screen(body: dict[str, Any], http: httpx.AsyncClient, base: str) -> list[dict[str, Any]]:
+    async def screen(body: dict[str, Any], http: httpx.AsyncClient, base: str) -> tuple[list[dict[str, Any]], str]:
         context = body["context"]
+        patient = pseudonym(context["patientId"], patient_key)
         drafts = draft_resources(context["draftOrders"])
         orders = find_mesotherapy(kb, body["hook"], drafts, context.get("selections"))
         if not orders:
-            return []
+            return [], patient
         gathered = await gather(body, settings, http)
+        for t in TEMPLATES:
+            source = ("unavailable" if t.key in gathered.unavailable else
+                      "fetched" if t.key in gathered.fetched else "prefetch")
+            metrics.PREFETCH.labels(outcome=source).inc()
+        for kind in gathered.errors:
+            metrics.FHIR_ERRORS.labels(kind=kind).inc()
         record = build_record(gathered, context["patientId"], set(drafts))
-        today = datetime.now(UTC).date()
-        findings = evaluate(kb, record, orders, today, settings)
-        return [card(f, orders, kb, base, record.patient.id) for f in findings]
+        findings = evaluate(kb, record, orders, datetime.now(UTC).date(), settings)
+        return [card(f, orders, kb, base, record.patient.id) for f in findings], patient
+
+    async def audit(app_: FastAPI, body: dict[str, Any], cards: list[dict[str, Any]], patient: str) -> None:
+        """Record the issued cards; a slow or failing store never holds back or loses the answer."""
+        now = datetime.now(UTC)
+        issued = [IssuedCard(
+            uuid=c["uuid"], rule_id=c["source"]["topic"]["code"], rule_version=kb.by_id[c["source"]["topic"]["code"]]
+            .version, indicator=c["indicator"], hook=body["hook"], hook_instance=body["hookInstance"],
+            patient_pseudonym=patient, issued_at=now, suggestion_uuids=[s["uuid"] for s in c.get("suggestions", [])],
+        ) for c in cards]
+        task = asyncio.ensure_future(_record_cards(app_.state.store, issued, body["hookInstance"]))
+        app_.state.pending.add(task)
+        task.add_done_callback(app_.state.pending.discard)
+        await asyncio.wait({task}, timeout=STORE_WRITE_WAIT_S)
+
+    @app.post("/cds-services/{service_id}/feedback")
+    async def post_feedback(service_id: str, request: Request, claims: Client) -> Response:
+        if service_id != SERVICE_ID:
+            raise ServiceNotFound(f"no CDS service with id {service_id!r}")
+        entries = parse_feedback(await read_json(request, settings.max_body_bytes))
+        try:
+            await request.app.state.store.record_feedback(entries)
+        except UnknownCard as exc:
+            index = next(i for i, e in enumerate(entries) if e.card_uuid == exc.uuid)
+            raise InvalidRequest(f"feedback[{index}].card {exc.uuid!r} is not a card this service issued",
+                                 expression=f"feedback[{index}].card") from None
+        except StoreError:
+            raise ServiceUnavailable("feedback could not be stored; retry later") from None
+        for e in entries:
+            metrics.FEEDBACK.labels(outcome=e.outcome).inc()
+        return Response(status_code=200)
+
+    @app.get("/feedback/summary")
+    async def feedback_summary(request: Request, claims: Client) -> Response:
+        try:
+            summary = await request.app.state.store.summary()
+        except StoreError:
+            raise ServiceUnavailable("the audit store is unavailable; retry later") from None
+        return FhirJSON(summary if not summary.get("rules") else clean(summary))
 
     @app.get("/knowledge", response_class=HTMLResponse)
     async def knowledge_index(request: Request) -> HTMLResponse:
         items = "".join(f'<li><a href="{base_url(request)}/knowledge/{r.id}">{html.escape(r.title)}</a> '
                         f"(rule v{r.version}, {r.indicator})</li>" for r in kb.rules)
-        return HTMLResponse(_page(kb.service.source_label, f"<p>{html.escape(kb.service.description)}</p>"
-                                                           f"<ul>{items}</ul>"))
+        return HTMLResponse(_page(kb.service.source_label,
+                                  f"<p>{html.escape(kb.service.description)}</p><ul>{items}</ul>"))
 
     @app.get("/knowledge/{rule_id}", response_class=HTMLResponse)
     async def knowledge_page(rule_id: str) -> HTMLResponse:
@@ -149,10 +250,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FhirJSON({"status": "ok"})
 
     @app.get("/readyz")
-    async def readyz() -> Response:
-        return FhirJSON({"status": "ready", "rules": len(kb.rules)})
+    async def readyz(request: Request) -> Response:
+        store_ok = await request.app.state.store.ping()
+        body = {"status": "ready" if store_ok else "not ready", "rules": len(kb.rules),
+                "store": "ok" if store_ok else "unreachable"}
+        return FhirJSON(body, status_code=200 if store_ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint(request: Request) -> Response:
+        data, content_type = metrics.render_latest(request.headers.get("accept"))
+        return Response(data, media_type=content_type)
 
     return app
+
+
+async def _open_store(settings: Settings) -> Store:
+    """The audit store; if the database is down at start-up the service still answers hooks."""
+    try:
+        return await Store.open(settings.sqlalchemy_url)
+    except StoreError as exc:
+        log.error("audit store unavailable at start-up (%s); cards are served, auditing retries", type(exc).__name__)
+        return await Store.open(settings.sqlalchemy_url, migrate=False)
+
+
+async def _record_cards(store: Store, issued: list[IssuedCard], hook_instance: str) -> None:
+    try:
+        await store.record_cards(issued)
+    except Exception as exc:  # noqa: BLE001 - an audit failure is logged and counted, never raised to the EHR
+        log.error("issued cards not recorded: %s", type(exc).__name__, extra={"hookInstance": hook_instance})
 
 
 async def read_json(request: Request, limit: int) -> Any:

@@ -6,7 +6,7 @@
      ├── ServiceNotFound     404  unknown service id or path
      ├── PayloadTooLarge     413
      └── DataUnavailable     412  the Patient could not be obtained
-    KnowledgeError              raised at start-up only: cards/ is invalid
+    KnowledgeError, ConfigError  raised at start-up only: cards/ or the settings are invalid
 """
 
 from __future__ import annotations
@@ -73,3 +73,7 @@ class DataUnavailable(CDSError):
 
 class KnowledgeError(Exception):
     """The clinical knowledge in cards/ is invalid; the service refuses to start."""
+
+
+class ConfigError(Exception):
+    """The settings are not safe to run with (production mode); the service refuses to start."""

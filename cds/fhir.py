@@ -17,11 +17,15 @@ FHIR_JSON = "application/fhir+json"
 
 
 class FhirError(Exception):
-    """A FHIR read or search could not be completed; `reason` is safe to show to a clinician."""
+    """A FHIR read or search could not be completed; `reason` is safe to show to a clinician.
 
-    def __init__(self, reason: str) -> None:
+    `kind` is one of timeout, http_error, unreachable, foreign_link (the metrics' label values).
+    """
+
+    def __init__(self, reason: str, kind: str = "http_error") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
@@ -71,13 +75,13 @@ class FhirClient:
         """GET a relative query (`Patient/1`, `Condition?patient=1`) or a same-origin absolute URL."""
         url = query if query.startswith(("http://", "https://")) else f"{self.base_url}/{query.lstrip('/')}"
         if not self.same_origin(url):
-            raise FhirError("a link pointed outside the FHIR server, so it was not followed")
+            raise FhirError("a link pointed outside the FHIR server, so it was not followed", "foreign_link")
         try:
             response = await self._http.get(url, headers=self._headers, timeout=self._timeout)
         except httpx.TimeoutException:
-            raise FhirError(f"the FHIR server did not answer within {self._timeout:g} s") from None
+            raise FhirError(f"the FHIR server did not answer within {self._timeout:g} s", "timeout") from None
         except httpx.HTTPError:
-            raise FhirError("the FHIR server could not be reached") from None
+            raise FhirError("the FHIR server could not be reached", "unreachable") from None
         if response.status_code == 404 and "?" not in query:
             return None
         if response.status_code >= 400:

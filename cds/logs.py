@@ -20,8 +20,9 @@ _PATTERNS = [
     (re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"), REDACTED),
     (re.compile(r"""(?i)(["']?access_token["']?\s*[:=]\s*["']?)[^"'&\s,}]+"""), r"\1" + REDACTED),
 ]
-# attributes every LogRecord has; anything else on a record came from `extra=`
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+# attributes every LogRecord has (and uvicorn's color_message); anything else came from `extra=`
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName",
+                                                                     "color_message"}
 
 
 def redact(text: str) -> str:

@@ -67,7 +67,8 @@ def render(template: str, context: dict[str, Any]) -> str:
 class Gathered:
     data: dict[str, list[dict[str, Any]]]
     unavailable: dict[str, str]
-    fetched: int
+    fetched: set[str]  # keys read from the FHIR server
+    errors: list[str]  # FhirError kinds, for the metrics
 
 
 async def gather(request: dict[str, Any], settings: Settings, http: httpx.AsyncClient) -> Gathered:
@@ -96,15 +97,17 @@ async def gather(request: dict[str, Any], settings: Settings, http: httpx.AsyncC
                     jobs[t.key] = _complete(client, value)
         else:
             data[t.key] = [value]
+    errors: list[str] = []
     if jobs:
         results = await _run_all(jobs, settings.deadline_s)
         for key, result in results.items():
             if isinstance(result, FhirError):
                 unavailable[key] = result.reason
+                errors.append(result.kind)
                 data.pop(key, None)
             else:
                 data[key] = result
-    return Gathered(data, unavailable, len(jobs))
+    return Gathered(data, unavailable, set(jobs) - set(unavailable), errors)
 
 
 def _client(request: dict[str, Any], settings: Settings, http: httpx.AsyncClient) -> FhirClient | str:
@@ -154,9 +157,9 @@ async def _run_all(jobs: dict[str, Any], deadline_s: float) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for key, task in tasks.items():
         if task in pending:
-            results[key] = FhirError(f"not obtained within the {deadline_s:g} s deadline")
+            results[key] = FhirError(f"not obtained within the {deadline_s:g} s deadline", "timeout")
         elif (exc := task.exception()) is not None:
-            results[key] = exc if isinstance(exc, FhirError) else FhirError("the FHIR read failed")
+            results[key] = exc if isinstance(exc, FhirError) else FhirError("the FHIR read failed", "unreachable")
             if not isinstance(exc, FhirError):
                 log.error("unexpected FHIR fetch failure: %s", type(exc).__name__)
         else:

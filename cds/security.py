@@ -1,10 +1,10 @@
 """Trusting CDS clients: the EHR's JWT, the issuer allow-list, the jti replay cache and patient pseudonyms.
 
-The verifier follows CDS Hooks "Trusting CDS Clients" and the JWT best practice: the issuer must be configured,
-`aud` is the exact public URL called, the key is picked by `kid` from the issuer's pinned JWKS (or from a `jku`
-on the issuer's list), only RS/PS/ES 256/384 are accepted, and every `jti` is used once. Only configured URLs are
-ever fetched. A rejection raises `NotAuthenticated(reason)`: the reason is for the log, never for the caller,
-and the token itself is never logged.
+The verifier follows CDS Hooks "Trusting CDS Clients" and its JWT best practice: the issuer must be
+configured, `aud` is the exact public URL called, the key is picked by `kid` from the issuer's pinned JWKS
+(or from a `jku` on the issuer's list), only RS/PS/ES 256/384 are accepted, and every `jti` is used once.
+Only configured URLs are ever fetched. A rejection raises `NotAuthenticated(reason)`: the reason is for the
+log, never for the caller, and the token itself is never logged.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ ALGORITHMS: dict[str, tuple[str, str | None]] = {
 }
 _PUBLIC_MEMBERS = {"RSA": ("kty", "n", "e"), "EC": ("kty", "crv", "x", "y")}
 _ISSUER_FIELDS = {"jwks_url", "jku", "tenants", "jwks"}
+_SCHEMES = ("http", "https")
 MAX_TOKEN_CHARS = 8192
 MAX_JWKS_BYTES = 256 * 1024
 JWKS_TIMEOUT_S = 2.0
@@ -68,7 +69,7 @@ def _url_list(issuer: str, name: str, value: Any) -> tuple[str, ...]:
 
 
 def index_jwks(doc: Any) -> dict[str, dict[str, Any]]:
-    """Index a JWK Set by kid, keeping the public members of RSA/EC signing keys; duplicate kids are dropped."""
+    """Index a JWK Set by kid: public members of RSA/EC signing keys only; duplicated kids are dropped."""
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError('a JWK Set must be an object with a "keys" array')
     keys: dict[str, dict[str, Any]] = {}
@@ -98,10 +99,10 @@ def _issuer(issuer: Any, entry: Any) -> IssuerConfig:
         raise ValueError(f"trusted issuer {issuer!r}: unknown field(s) {sorted(unknown)}; "
                          f"allowed: {sorted(_ISSUER_FIELDS)}")
     jwks_url = entry.get("jwks_url")
-    if jwks_url is not None and (not isinstance(jwks_url, str) or urlsplit(jwks_url).scheme not in ("http", "https")):
+    if jwks_url is not None and not (isinstance(jwks_url, str) and urlsplit(jwks_url).scheme in _SCHEMES):
         raise ValueError(f"trusted issuer {issuer!r}: jwks_url must be an http(s) URL")
     jku = _url_list(issuer, "jku", entry.get("jku", []))
-    if bad := [u for u in jku if urlsplit(u).scheme not in ("http", "https")]:
+    if bad := [u for u in jku if urlsplit(u).scheme not in _SCHEMES]:
         raise ValueError(f"trusted issuer {issuer!r}: jku entries must be http(s) URLs, not {bad}")
     tenants = _url_list(issuer, "tenants", entry.get("tenants", []))
     inline = None
@@ -120,7 +121,7 @@ def _issuer(issuer: Any, entry: Any) -> IssuerConfig:
 
 
 def parse_trusted_issuers(value: str | None) -> dict[str, IssuerConfig]:
-    """Parse CDS_TRUSTED_ISSUERS: inline JSON, or a path to a .json/.yaml/.yml file; ValueError when invalid."""
+    """Parse CDS_TRUSTED_ISSUERS: inline JSON or a path to a .json/.yaml/.yml file; ValueError if invalid."""
     text = (value or "").strip()
     if not text:
         return {}
@@ -132,7 +133,8 @@ def parse_trusted_issuers(value: str | None) -> dict[str, IssuerConfig]:
     else:
         path = Path(text).expanduser()
         if path.suffix.lower() not in (".json", ".yaml", ".yml") or not path.is_file():
-            raise ValueError(f"trusted issuers: {path} is neither inline JSON nor an existing .json/.yaml/.yml file")
+            raise ValueError(f"trusted issuers: {path} is neither inline JSON "
+                             "nor an existing .json/.yaml/.yml file")
         try:
             raw = path.read_text(encoding="utf-8")
             doc = json.loads(raw) if path.suffix.lower() == ".json" else yaml.safe_load(raw)
@@ -166,7 +168,8 @@ def check_production_settings(settings: Any) -> list[str]:
     if not settings.public_base_url:
         problems.append("CDS_PUBLIC_BASE_URL is not set: the JWT audience cannot be checked")
     elif not _https_or_loopback(settings.public_base_url):
-        problems.append(f"CDS_PUBLIC_BASE_URL must be https (or http on loopback): {settings.public_base_url}")
+        problems.append(f"CDS_PUBLIC_BASE_URL must be https (or http on loopback): "
+                        f"{settings.public_base_url}")
     key = settings.pseudonym_key
     if key is None or not key.get_secret_value():
         problems.append("CDS_PSEUDONYM_KEY is not set: patient ids could not be pseudonymised")
@@ -243,9 +246,13 @@ def _bearer(authorization: str | None) -> str:
 
 def _number(claims: dict[str, Any], name: str) -> float:
     value = claims.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer too large for a float
+        number = math.nan
+    if not math.isfinite(number):
         raise NotAuthenticated(f"claim {name} missing or not a number")
-    return float(value)
+    return number
 
 
 class ClientVerifier:
@@ -341,7 +348,8 @@ class ClientVerifier:
             raise NotAuthenticated(f"kid {kid!r} is not in the JWKS of {cfg.issuer}")
         kty, crv = ALGORITHMS[alg]
         if jwk["kty"] != kty or (crv and jwk.get("crv") != crv) or jwk.get("alg", alg) != alg:
-            raise NotAuthenticated(f"alg {alg} does not match key {kid!r} ({jwk['kty']} {jwk.get('alg', '')})")
+            raise NotAuthenticated(f"alg {alg} does not match key {kid!r} "
+                                   f"({jwk['kty']} {jwk.get('crv', '')} {jwk.get('alg', '')})")
         parsed = keyset.parsed.get((kid, alg))
         if parsed is None:
             try:
@@ -354,7 +362,7 @@ class ClientVerifier:
         return parsed
 
     async def _remote(self, url: str, kid: str) -> _KeySet:
-        """The cached JWKS at url; fetched when missing or stale, refetched once per interval on an unknown kid."""
+        """The JWKS at url, cached; fetched if missing or stale, and once per interval on an unknown kid."""
         keyset = self._sets.get(url)
         if keyset and kid in keyset.keys and self.clock() - keyset.fetched_at < self.settings.jwks_cache_s:
             return keyset

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import date, timedelta
@@ -35,7 +36,9 @@ class Service:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
-        self.env.update({"HOST": "127.0.0.1", "PORT": str(self.port), "CDS_LOG_LEVEL": "WARNING"})
+        self.data_dir = tempfile.mkdtemp(prefix="cds-test-data-")
+        self.env.update({"HOST": "127.0.0.1", "PORT": str(self.port), "CDS_LOG_LEVEL": "WARNING",
+                         "CDS_DATA_DIR": self.data_dir})
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 

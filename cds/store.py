@@ -1,0 +1,445 @@
+"""The audit store: issued cards, clinician feedback, the review summary and the shared JWT replay cache.
+
+One code path over SQLAlchemy 2's async engine: SQLite through aiosqlite (the embedded default, a file in
+`CDS_DATA_DIR`) or PostgreSQL through asyncpg (`CDS_DATABASE_URL`). The schema is created and upgraded by
+`cds.migrations` when the store opens.
+
+Concurrency and durability:
+- SQLite runs in WAL mode with `synchronous=FULL` and a busy timeout, and every write transaction starts with
+  `BEGIN IMMEDIATE`, so writers from several processes queue for the write lock instead of failing, and a
+  check-then-insert (unknown card uuids, replay claims) cannot be overtaken between its read and its write.
+- Feedback is deduplicated by a unique key (`dedup_key`, a sha256 over the canonical card uuid, outcome,
+  outcomeTimestamp in UTC, override reason and sorted accepted suggestions) with `INSERT .. ON CONFLICT DO
+  NOTHING`, which is race-free on both databases.
+- Every committed write is on disk when the call returns: a restart, or a killed process, loses nothing.
+
+Failures of the database itself raise `StoreUnavailable` (or `StoreError`), are counted in
+`cds_store_errors_total{operation=...}` and logged without SQL parameters, so no PHI reaches the logs; callers
+decide whether to degrade (cards are still returned when recording them fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from . import migrations
+from .metrics import STORE_ERRORS
+
+log = logging.getLogger("cds.store")
+
+Outcome = Literal["accepted", "overridden"]
+OUTCOMES: tuple[str, ...] = ("accepted", "overridden")
+
+_IN_CHUNK = 500  # uuids per `IN (...)` lookup
+_PURGE_INTERVAL_S = 60.0  # expired replay-cache rows are deleted at most this often per Store
+
+
+# ---------------------------------------------------------------------------------------------- public types
+
+class StoreError(Exception):
+    """The database failed an operation (a bug or a broken database rather than an outage)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached or did not answer in time."""
+
+
+class UnknownCard(LookupError):
+    """Feedback names a card uuid this service never issued; nothing of the batch was stored."""
+
+    def __init__(self, uuid: str) -> None:
+        super().__init__(uuid)
+        self.uuid = uuid
+
+    def __str__(self) -> str:
+        return f"unknown card {self.uuid!r}"
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    uuid: str
+    rule_id: str  # the rule's topic code
+    rule_version: int
+    indicator: str
+    hook: str
+    hook_instance: str
+    patient_pseudonym: str | None
+    issued_at: datetime  # timezone-aware
+    suggestion_uuids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FeedbackEntry:
+    card_uuid: str
+    outcome: Outcome
+    outcome_timestamp: datetime  # timezone-aware
+    accepted_suggestions: list[str] = field(default_factory=list)
+    override_reason_code: str | None = None
+    override_reason_system: str | None = None
+    user_comment: str | None = None
+
+    def dedup_key(self) -> str:
+        """Identity of a feedback entry: the same entry posted again has the same key (comments don't count)."""
+        canonical = [self.card_uuid, self.outcome, _utc(self.outcome_timestamp).isoformat(timespec="microseconds"),
+                     self.override_reason_system or "", self.override_reason_code or "",
+                     sorted(set(self.accepted_suggestions))]
+        return hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- current schema
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out; stored as timestamptz (PostgreSQL) or UTC text (SQLite)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = _utc(value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+issued_cards = sa.Table(
+    "issued_cards", metadata,
+    sa.Column("uuid", sa.Text, primary_key=True),
+    sa.Column("rule_id", sa.Text, nullable=False),
+    sa.Column("rule_version", sa.Integer, nullable=False),
+    sa.Column("indicator", sa.String(16), nullable=False),
+    sa.Column("hook", sa.Text, nullable=False),
+    sa.Column("hook_instance", sa.Text, nullable=False),
+    sa.Column("patient_pseudonym", sa.Text),
+    sa.Column("issued_at", UTCDateTime, nullable=False),
+    sa.Column("suggestion_uuids", sa.Text, nullable=False),
+)
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("card_uuid", sa.Text, sa.ForeignKey("issued_cards.uuid"), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("accepted_suggestions", sa.Text, nullable=False),
+    sa.Column("override_reason_system", sa.Text),
+    sa.Column("override_reason_code", sa.Text),
+    sa.Column("user_comment", sa.Text),
+    sa.Column("outcome_timestamp", UTCDateTime, nullable=False),
+    sa.Column("dedup_key", sa.String(64), nullable=False, unique=True),
+    sa.Column("received_at", UTCDateTime),
+)
+jwt_replay = sa.Table(
+    "jwt_replay", metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("expires_at", sa.Double, nullable=False),
+)
+
+
+# ------------------------------------------------------------------------------------------------ the store
+
+class Store:
+    """Open with `await Store.open(url)`; safe to share across tasks; one per process (each has a pool)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+        self._insert = pg_dialect.insert if self._dialect == "postgresql" else sqlite_dialect.insert
+        self._last_purge = 0.0
+
+    @classmethod
+    async def open(cls, url: str, *, migrate: bool = True, busy_timeout_s: float = 30.0,
+                   connect_timeout_s: float = 5.0) -> Store:
+        """Connect (creating a SQLite file's directory) and bring the schema up to date.
+
+        Raises `StoreUnavailable` if the database cannot be reached. With `migrate=False` nothing is touched
+        until the first operation (useful to start serving while the database is down, then `migrate()`).
+        """
+        try:
+            engine = _create_engine(url, busy_timeout_s=busy_timeout_s, connect_timeout_s=connect_timeout_s)
+        except OSError as exc:  # the SQLite file's directory cannot be created
+            STORE_ERRORS.labels(operation="open").inc()
+            log.error("store open failed: %s", _describe(exc))
+            raise StoreUnavailable(f"open: {_describe(exc)}") from exc
+        store = cls(engine)
+        if migrate:
+            try:
+                await store.migrate()
+            except BaseException:
+                await store.close()
+                raise
+        return store
+
+    async def migrate(self, target: int | None = None) -> int:
+        """Apply pending migrations (serialised across processes); returns the schema version."""
+        async with self._guard("open"):
+            before, after = await migrations.upgrade(self._engine, target)
+        if before != after:
+            log.info("store schema upgraded from version %d to %d", before, after)
+        return after
+
+    async def schema_version(self) -> int:
+        async with self._guard("open"):
+            return await migrations.current_version(self._engine)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def dialect(self) -> str:
+        return self._dialect
+
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """True if the database answers a trivial query within `timeout_s`; never raises."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+            return True
+        except Exception as exc:  # noqa: BLE001 - a readiness check reports, it doesn't raise
+            STORE_ERRORS.labels(operation="ping").inc()
+            log.warning("store ping failed: %s", _describe(exc))
+            return False
+
+    # ---- writes
+
+    async def record_cards(self, cards: Sequence[IssuedCard]) -> None:
+        """Persist issued cards (a card uuid recorded again is ignored)."""
+        if not cards:
+            return
+        rows = [{
+            "uuid": c.uuid, "rule_id": c.rule_id, "rule_version": int(c.rule_version), "indicator": c.indicator,
+            "hook": c.hook, "hook_instance": c.hook_instance, "patient_pseudonym": c.patient_pseudonym,
+            "issued_at": _utc(c.issued_at), "suggestion_uuids": json.dumps(list(c.suggestion_uuids)),
+        } for c in cards]
+        stmt = self._insert(issued_cards).on_conflict_do_nothing(index_elements=[issued_cards.c.uuid])
+        async with self._write("record_cards") as conn:
+            await conn.execute(stmt, rows)
+
+    async def record_feedback(self, entries: Sequence[FeedbackEntry]) -> int:
+        """Persist a batch of feedback, all or nothing; returns how many entries were new.
+
+        Raises `UnknownCard` (naming the first offending entry's card) before writing anything if any entry
+        names a card uuid that was never issued. An entry already stored (same dedup key) is skipped.
+        """
+        if not entries:
+            return 0
+        received_at = datetime.now(UTC)
+        rows: dict[str, dict[str, Any]] = {}
+        for e in entries:
+            if e.outcome not in OUTCOMES:
+                raise ValueError(f"feedback outcome must be one of {OUTCOMES}, not {e.outcome!r}")
+            key = e.dedup_key()
+            rows.setdefault(key, {
+                "card_uuid": e.card_uuid, "outcome": e.outcome,
+                "accepted_suggestions": json.dumps(sorted(set(e.accepted_suggestions))),
+                "override_reason_system": e.override_reason_system,
+                "override_reason_code": e.override_reason_code, "user_comment": e.user_comment,
+                "outcome_timestamp": _utc(e.outcome_timestamp), "dedup_key": key, "received_at": received_at,
+            })
+        stmt = (self._insert(feedback).on_conflict_do_nothing(index_elements=[feedback.c.dedup_key])
+                .returning(feedback.c.id))
+        async with self._write("record_feedback") as conn:
+            known = await _existing_cards(conn, {e.card_uuid for e in entries})
+            for e in entries:
+                if e.card_uuid not in known:
+                    raise UnknownCard(e.card_uuid)
+            result = await conn.execute(stmt, list(rows.values()))
+            return len(result.all())
+
+    async def claim_jti(self, key: str, expires_at: float) -> bool:
+        """Claim a token id until `expires_at` (Unix seconds): True the first time, False while it is claimed.
+
+        Shared by every worker and replica using this database; an expired claim can be claimed again.
+        """
+        now = time.time()
+        stmt = (self._insert(jwt_replay).values(key=key, expires_at=float(expires_at)))
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[jwt_replay.c.key], set_={"expires_at": stmt.excluded.expires_at},
+            where=jwt_replay.c.expires_at <= now,
+        ).returning(jwt_replay.c.key)
+        async with self._write("claim_jti") as conn:
+            if now - self._last_purge >= _PURGE_INTERVAL_S:
+                await conn.execute(sa.delete(jwt_replay).where(jwt_replay.c.expires_at <= now))
+                self._last_purge = now
+            return (await conn.execute(stmt)).first() is not None
+
+    async def claim(self, key: str, expires_at: float) -> bool:
+        """`ReplayCache` protocol: same as `claim_jti`."""
+        return await self.claim_jti(key, expires_at)
+
+    # ---- reads
+
+    async def summary(self) -> dict[str, Any]:
+        """Per rule and version: cards issued, feedback accepted/overridden and override reason counts."""
+        c, f = issued_cards, feedback
+        joined = f.join(c, f.c.card_uuid == c.c.uuid)
+        async with self._read("summary") as conn:
+            issued = (await conn.execute(
+                sa.select(c.c.rule_id, c.c.rule_version, sa.func.count())
+                .group_by(c.c.rule_id, c.c.rule_version))).all()
+            outcomes = (await conn.execute(
+                sa.select(c.c.rule_id, c.c.rule_version, f.c.outcome, sa.func.count()).select_from(joined)
+                .group_by(c.c.rule_id, c.c.rule_version, f.c.outcome))).all()
+            reasons = (await conn.execute(
+                sa.select(c.c.rule_id, c.c.rule_version, f.c.override_reason_code, sa.func.count())
+                .select_from(joined)
+                .where(f.c.outcome == "overridden", f.c.override_reason_code.is_not(None))
+                .group_by(c.c.rule_id, c.c.rule_version, f.c.override_reason_code))).all()
+
+        rules: dict[tuple[str, int], dict[str, Any]] = {}
+
+        def entry(rule: str, version: int) -> dict[str, Any]:
+            return rules.setdefault((rule, version), {"rule": rule, "version": str(version), "issued": 0,
+                                                      "accepted": 0, "overridden": 0, "override_reasons": {}})
+
+        for rule, version, count in issued:
+            entry(rule, version)["issued"] = int(count)
+        for rule, version, outcome, count in outcomes:
+            entry(rule, version)[outcome] = int(count)
+        for rule, version, code, count in sorted(reasons, key=lambda r: (-r[3], r[2])):
+            entry(rule, version)["override_reasons"][code] = int(count)
+        return {"rules": [rules[k] for k in sorted(rules)]}
+
+    # ---- plumbing
+
+    @asynccontextmanager
+    async def _guard(self, operation: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except (UnknownCard, ValueError):
+            raise
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            STORE_ERRORS.labels(operation=operation).inc()
+            log.error("store %s failed: %s", operation, _describe(exc))
+            kind = StoreUnavailable if _is_outage(exc) else StoreError
+            raise kind(f"{operation}: {_describe(exc)}") from exc
+
+    @asynccontextmanager
+    async def _write(self, operation: str) -> AsyncIterator[AsyncConnection]:
+        async with self._guard(operation), self._engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE
+            yield conn
+
+    @asynccontextmanager
+    async def _read(self, operation: str) -> AsyncIterator[AsyncConnection]:
+        async with self._guard(operation), self._engine.connect() as conn:
+            if self._dialect == "postgresql":
+                await conn.execution_options(isolation_level="REPEATABLE READ")  # one snapshot for all queries
+            else:
+                await conn.execution_options(cds_sqlite_begin="DEFERRED")  # a WAL snapshot, no write lock
+            async with conn.begin():
+                yield conn
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return value.astimezone(UTC)
+
+
+async def _existing_cards(conn: AsyncConnection, uuids: Iterable[str]) -> set[str]:
+    wanted = sorted(set(uuids))
+    found: set[str] = set()
+    for i in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[i:i + _IN_CHUNK]
+        result = await conn.execute(sa.select(issued_cards.c.uuid).where(issued_cards.c.uuid.in_(chunk)))
+        found.update(result.scalars())
+    return found
+
+
+def _describe(exc: BaseException) -> str:
+    """Exception class names (and SQLSTATE) only: messages may quote statement parameters, i.e. PHI."""
+    orig = getattr(exc, "orig", None)
+    parts = [type(exc).__name__]
+    if orig is not None:
+        parts.append(type(orig).__name__)
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+        if sqlstate:
+            parts.append(f"sqlstate={sqlstate}")
+    return "/".join(parts)
+
+
+def _is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, TimeoutError, DisconnectionError, sa.exc.TimeoutError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+    return False
+
+
+def _create_engine(url: str, *, busy_timeout_s: float, connect_timeout_s: float) -> AsyncEngine:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    common: dict[str, Any] = {"hide_parameters": True}  # exception texts must not quote PHI
+    if backend == "sqlite":
+        database = parsed.database or ""
+        memory = database in ("", ":memory:") or "mode=memory" in database
+        if not memory:
+            Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": busy_timeout_s}}
+        if memory:
+            kwargs["poolclass"] = StaticPool
+        engine = create_async_engine(parsed, **common, **kwargs)
+        _configure_sqlite(engine, busy_timeout_ms=int(busy_timeout_s * 1000), wal=not memory)
+        return engine
+    if backend == "postgresql":
+        if parsed.get_driver_name() != "asyncpg":
+            parsed = parsed.set(drivername="postgresql+asyncpg")
+        return create_async_engine(
+            parsed, **common, pool_size=5, max_overflow=10, pool_timeout=10, pool_pre_ping=True,
+            pool_recycle=1800,
+            connect_args={"timeout": connect_timeout_s, "command_timeout": 30,
+                          "server_settings": {"application_name": "mesotherapy-cds"}})
+    raise ValueError(f"unsupported database URL scheme {parsed.drivername!r} (use sqlite or postgresql)")
+
+
+def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int, wal: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy, not the sqlite3 module, issues BEGIN
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            if wal:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = FULL")  # every commit is on disk before it returns
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        # IMMEDIATE takes the write lock up front (waiting up to busy_timeout for it): a read-then-write
+        # transaction can then never fail with SQLITE_BUSY at its first write. Reads ask for DEFERRED.
+        mode = conn.get_execution_options().get("cds_sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
