@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from fhirserver import FhirServer
 
 ROOT = Path(__file__).resolve().parent.parent

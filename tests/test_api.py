@@ -9,8 +9,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import load_fixture
 from fhir.resources.R4B import get_fhir_model_class
+
+from conftest import load_fixture
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 RESTRICTED_QUERY = re.compile(r"^[A-Z][A-Za-z]+(/\{\{context\.\w+\}\}|\?[\w\-:.]+=[^&]+(&[\w\-:.]+=[^&]+)*)$")

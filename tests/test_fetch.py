@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from conftest import free_port, load_fixture
 from fhirserver import FhirServer, RecordingServer
 from test_scenarios import topics

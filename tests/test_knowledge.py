@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
 
 from cds.errors import KnowledgeError
 from cds.knowledge import SUMMARY_LIMIT, load_knowledge
+
+from conftest import ROOT
 
 CARDS = ROOT / "cards"
 TOPICS = {"pregnancy", "breastfeeding", "recently-weaned", "pregnancy-status-unknown", "allergy-history",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from conftest import FIXTURES, with_dates
 
 SCENARIOS = sorted((FIXTURES / "scenarios").glob("*.json"))

@@ -22,7 +22,6 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwks_server import JwksServer
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from cds.errors import NotAuthenticated
@@ -37,6 +36,8 @@ from cds.security import (
     pseudonym_key,
 )
 from cds.settings import Settings
+
+from jwks_server import JwksServer
 
 BASE = "http://127.0.0.1:8080"
 PATH = "/cds-services/mesotherapy-contraindications"

@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from conftest import Service, load_fixture
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from conftest import Service, load_fixture
 from fhirserver import FhirServer, RecordingServer
 from jwks_server import JwksServer
 from test_scenarios import topics

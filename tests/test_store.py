@@ -1,0 +1,480 @@
+"""The audit store against SQLite (a file in tmp_path) and a real PostgreSQL server (see tests/pg.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from cds import migrations
+from cds.metrics import STORE_ERRORS, render_latest
+from cds.store import (
+    FeedbackEntry,
+    IssuedCard,
+    Store,
+    StoreUnavailable,
+    UnknownCard,
+    feedback,
+    issued_cards,
+    jwt_replay,
+)
+
+import pg
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> pg.PgServer:
+    return pg.server()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path}/data/not-yet/cds.sqlite3"  # the directory is created at open
+        return
+    server: pg.PgServer = request.getfixturevalue("pg_server")
+    url = server.create_database()
+    try:
+        yield url
+    finally:
+        server.drop_database(url)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def card(uuid: str, rule: str = "pregnancy", version: int = 3, **kw: Any) -> IssuedCard:
+    fields: dict[str, Any] = {"uuid": uuid, "rule_id": rule, "rule_version": version, "indicator": "critical",
+                              "hook": "order-sign", "hook_instance": f"hi-{uuid}", "patient_pseudonym": "ps-1",
+                              "issued_at": T0, "suggestion_uuids": [f"{uuid}-s1", f"{uuid}-s2"]}
+    fields.update(kw)
+    return IssuedCard(**fields)
+
+
+def accepted(uuid: str, at: datetime = T0, suggestions: list[str] | None = None) -> FeedbackEntry:
+    return FeedbackEntry(card_uuid=uuid, outcome="accepted", outcome_timestamp=at,
+                         accepted_suggestions=[f"{uuid}-s1"] if suggestions is None else suggestions)
+
+
+def overridden(uuid: str, reason: str | None = None, at: datetime = T0, comment: str | None = None) -> FeedbackEntry:
+    return FeedbackEntry(card_uuid=uuid, outcome="overridden", outcome_timestamp=at, override_reason_code=reason,
+                         override_reason_system="https://example.org/cds/override-reasons" if reason else None,
+                         user_comment=comment)
+
+
+async def count_rows(store: Store, table: sa.Table) -> int:
+    async with store._engine.connect() as conn:
+        return int((await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one())
+
+
+# ---------------------------------------------------------------------------------------------- basics
+
+def test_record_and_summary_counts_exact(db_url: str) -> None:
+    async def scenario() -> None:
+        store = await Store.open(db_url)
+        try:
+            await store.record_cards([card(f"p3-{i}") for i in range(5)])
+            await store.record_cards([card(f"p2-{i}", version=2) for i in range(2)])
+            await store.record_cards([card(f"b1-{i}", rule="bleeding-risk", version=1, indicator="warning")
+                                      for i in range(3)])
+            await store.record_cards([card("p3-0")])  # recorded again: ignored
+            cet = timezone(timedelta(hours=1))
+            new = await store.record_feedback([
+                accepted("p3-0"), accepted("p3-1"), accepted("p3-2", at=T0.astimezone(cet)),
+                overridden("p3-3", "negative-pregnancy-test"), overridden("p3-4", "negative-pregnancy-test"),
+                overridden("p3-0", "not-pregnant-confirmed", at=T0 + timedelta(minutes=5)),  # 2nd entry, same card
+                overridden("p2-0"),  # no reason given
+                overridden("b1-0", "benefit-outweighs-risk", comment="discussed with patient"),
+            ])
+            assert new == 8
+            assert await store.summary() == {"rules": [
+                {"rule": "bleeding-risk", "version": "1", "issued": 3, "accepted": 0, "overridden": 1,
+                 "override_reasons": {"benefit-outweighs-risk": 1}},
+                {"rule": "pregnancy", "version": "2", "issued": 2, "accepted": 0, "overridden": 1,
+                 "override_reasons": {}},
+                {"rule": "pregnancy", "version": "3", "issued": 5, "accepted": 3, "overridden": 3,
+                 "override_reasons": {"negative-pregnancy-test": 2, "not-pregnant-confirmed": 1}},
+            ]}
+            async with store._engine.connect() as conn:
+                row = (await conn.execute(sa.select(issued_cards).where(issued_cards.c.uuid == "p3-1"))).one()
+                assert row.issued_at == T0 and row.issued_at.tzinfo is not None
+                assert json.loads(row.suggestion_uuids) == ["p3-1-s1", "p3-1-s2"]
+                ts = (await conn.execute(sa.select(feedback.c.outcome_timestamp)
+                                         .where(feedback.c.card_uuid == "p3-2"))).scalar_one()
+                assert ts == T0 and ts.utcoffset() == timedelta(0)
+        finally:
+            await store.close()
+
+    run(scenario())
+
+
+def test_empty_store_summary_and_ping(db_url: str) -> None:
+    async def scenario() -> None:
+        async with await Store.open(db_url) as store:
+            assert await store.ping() is True
+            assert await store.summary() == {"rules": []}
+            assert await store.schema_version() == migrations.LATEST
+            await store.record_cards([])
+            assert await store.record_feedback([]) == 0
+
+    run(scenario())
+
+
+def test_unknown_card_rejects_the_whole_batch(db_url: str) -> None:
+    async def scenario() -> None:
+        async with await Store.open(db_url) as store:
+            await store.record_cards([card("a"), card("b")])
+            with pytest.raises(UnknownCard) as info:
+                await store.record_feedback([accepted("a"), overridden("never-issued", "x"), accepted("b")])
+            assert info.value.uuid == "never-issued"
+            assert await count_rows(store, feedback) == 0
+            assert (await store.summary())["rules"][0]["accepted"] == 0
+            # the valid part goes through once posted on its own
+            assert await store.record_feedback([accepted("a"), accepted("b")]) == 2
+
+    run(scenario())
+
+
+def test_invalid_entries_are_refused_before_writing(db_url: str) -> None:
+    async def scenario() -> None:
+        async with await Store.open(db_url) as store:
+            await store.record_cards([card("a")])
+            with pytest.raises(ValueError):
+                await store.record_feedback([accepted("a"), FeedbackEntry("a", "maybe", T0)])  # type: ignore[arg-type]
+            with pytest.raises(ValueError):
+                await store.record_feedback([accepted("a", at=datetime(2026, 3, 1, 9, 30))])  # naive
+            with pytest.raises(ValueError):
+                await store.record_cards([card("n", issued_at=datetime(2026, 3, 1))])
+            assert await count_rows(store, feedback) == 0
+            assert await count_rows(store, issued_cards) == 1
+
+    run(scenario())
+
+
+def test_duplicate_feedback_is_stored_once(db_url: str) -> None:
+    async def scenario() -> None:
+        async with await Store.open(db_url) as store:
+            await store.record_cards([card("a"), card("b")])
+            entry = accepted("a", suggestions=["a-s1", "a-s2"])
+            assert await store.record_feedback([entry, entry]) == 1  # twice in one batch
+            assert await store.record_feedback([entry]) == 0  # posted again
+            same = accepted("a", at=T0.astimezone(timezone(timedelta(hours=-5))), suggestions=["a-s2", "a-s1"])
+            assert await store.record_feedback([same]) == 0  # same instant, other offset, other order
+            assert await store.record_feedback([overridden("b", "r1", comment="first")]) == 1
+            assert await store.record_feedback([overridden("b", "r1", comment="edited")]) == 0  # comment: same entry
+            # entries that differ in any identifying field are distinct
+            assert await store.record_feedback([
+                accepted("a", suggestions=["a-s1"]),
+                accepted("a", at=T0 + timedelta(microseconds=1), suggestions=["a-s1", "a-s2"]),
+                overridden("b", "r2"),
+                overridden("b"),
+            ]) == 4
+            assert await count_rows(store, feedback) == 6
+            rules = (await store.summary())["rules"]
+            assert rules == [{"rule": "pregnancy", "version": "3", "issued": 2, "accepted": 3, "overridden": 3,
+                              "override_reasons": {"r1": 1, "r2": 1}}]
+
+    run(scenario())
+
+
+# ----------------------------------------------------------------------------------- replay cache (JWT jti)
+
+def test_claim_jti(db_url: str) -> None:
+    async def scenario() -> None:
+        async with await Store.open(db_url) as store:
+            now = time.time()
+            assert await store.claim_jti("iss|jti-1", now + 300) is True
+            assert await store.claim_jti("iss|jti-1", now + 300) is False
+            assert await store.claim("iss|jti-1", now + 600) is False  # ReplayCache protocol name
+            assert await store.claim("iss|jti-2", now + 300) is True
+            # an expired claim can be claimed again, and then holds until its new expiry
+            assert await store.claim_jti("iss|old", now + 0.3) is True
+            assert await store.claim_jti("iss|old", now + 300) is False
+            await asyncio.sleep(0.5)
+            assert await store.claim_jti("iss|old", time.time() + 300) is True
+            assert await store.claim_jti("iss|old", time.time() + 300) is False
+
+        # expired rows are purged opportunistically (at most once a minute per store, so on a fresh one)
+        async with await Store.open(db_url) as store:
+            await store.claim_jti("iss|gone", time.time() - 1)
+        async with await Store.open(db_url) as store:
+            before = await count_rows(store, jwt_replay)
+            assert await store.claim_jti("iss|jti-3", time.time() + 300) is True
+            assert await count_rows(store, jwt_replay) == before  # "iss|gone" deleted, "iss|jti-3" added
+
+    run(scenario())
+
+
+# -------------------------------------------------------------------------- restart and abrupt termination
+
+def test_close_and_reopen_loses_nothing(db_url: str) -> None:
+    async def first() -> dict[str, Any]:
+        store = await Store.open(db_url)
+        await store.record_cards([card(f"c{i}") for i in range(10)])
+        await store.record_feedback([accepted(f"c{i}") for i in range(4)]
+                                    + [overridden(f"c{i}", "r") for i in range(4, 7)])
+        await store.claim_jti("k", time.time() + 600)
+        summary = await store.summary()
+        await store.close()
+        return summary
+
+    async def second(expected: dict[str, Any]) -> None:
+        async with await Store.open(db_url) as store:
+            assert await store.summary() == expected
+            assert await store.claim_jti("k", time.time() + 600) is False
+            assert await store.record_feedback([accepted("c0")]) == 0  # dedup survives the restart
+
+    expected = run(first())
+    assert expected["rules"][0]["accepted"] == 4
+    run(second(expected))
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import asyncio, sys, time
+    from datetime import UTC, datetime
+    from cds.store import FeedbackEntry, IssuedCard, Store
+
+    async def main(url):
+        store = await Store.open(url)
+        now = datetime.now(UTC)
+        for i in range(50):
+            await store.record_cards([IssuedCard(f"k{i}", "pregnancy", 3, "critical", "order-sign", "hi", None,
+                                                 now, [])])
+            await store.record_feedback([FeedbackEntry(f"k{i}", "accepted", now)])
+        await store.claim_jti("killed-jti", time.time() + 600)
+        print("done", flush=True)
+        await asyncio.sleep(3600)  # killed here, without closing anything
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+def test_killed_process_loses_no_committed_write(db_url: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, db_url], cwd=ROOT, env=_child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.strip() == "done", proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    async def check() -> None:
+        async with await Store.open(db_url) as store:
+            rules = (await store.summary())["rules"]
+            assert rules == [{"rule": "pregnancy", "version": "3", "issued": 50, "accepted": 50, "overridden": 0,
+                              "override_reasons": {}}]
+            assert await store.claim_jti("killed-jti", time.time() + 600) is False
+
+    run(check())
+
+
+# ------------------------------------------------------------------------------------ concurrent processes
+
+WORKER = textwrap.dedent("""
+    import asyncio, json, sys, time
+    from datetime import UTC, datetime, timedelta
+    from cds.store import FeedbackEntry, IssuedCard, Store
+
+    T0 = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
+
+    async def main(url, w, n_cards, n_keys):
+        store = await Store.open(url)  # all workers at once, on a database nobody has migrated yet
+        print("ready", flush=True)
+        sys.stdin.readline()  # wait for "go", so that every worker writes at the same time
+        started = time.perf_counter()
+        await store.record_cards([IssuedCard(f"w{w}-{j}", "concurrency", 1, "info", "order-select", f"h{w}",
+                                             None, T0, []) for j in range(10)])
+        shared = [FeedbackEntry(f"c{i}", "accepted", T0 + timedelta(seconds=i), [f"c{i}-s1"])
+                  for i in range(n_cards)]
+        own = [FeedbackEntry(f"c{i}", "overridden", T0 + timedelta(seconds=1000 + 100 * w + i), [],
+                             f"r{w % 3}", "https://example.org/reasons", f"worker {w}") for i in range(n_cards)]
+        entries = [e for pair in zip(shared, own) for e in pair]
+        new = 0
+        for k in range(0, len(entries), 5):
+            batch = entries[k:k + 5]
+            new += await store.record_feedback(batch)
+            new += await store.record_feedback(batch)  # every batch posted twice
+        claims = [f"jti-{k}" for k in range(n_keys) if await store.claim_jti(f"jti-{k}", time.time() + 600)]
+        elapsed = time.perf_counter() - started
+        await store.close()
+        print(json.dumps({"new": new, "claims": claims, "elapsed": elapsed}), flush=True)
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+""")
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None:
+    workers, n_cards, n_keys = 8, 20, 50
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, db_url, str(w), str(n_cards), str(n_keys)],
+                              cwd=ROOT, env=_child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w in range(workers)]
+    try:
+        for p in procs:  # each has opened (and raced to migrate) the fresh database
+            line = p.stdout.readline() if p.stdout else ""
+            assert line.strip() == "ready", p.stderr.read() if p.stderr else ""
+
+        async def issue() -> None:
+            async with await Store.open(db_url) as store:
+                await store.record_cards([card(f"c{i}", rule="pregnancy" if i % 2 == 0 else "bleeding-risk",
+                                               version=3 if i % 2 == 0 else 1) for i in range(n_cards)])
+
+        run(issue())
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    distinct = n_cards + workers * n_cards  # shared "accepted" entries + each worker's own "overridden" ones
+    assert sum(r["new"] for r in results) == distinct  # each distinct entry inserted by exactly one worker
+    claimed = [k for r in results for k in r["claims"]]
+    assert sorted(claimed) == sorted(f"jti-{k}" for k in range(n_keys))  # each key won by exactly one worker
+
+    async def check() -> dict[str, Any]:
+        async with await Store.open(db_url) as store:
+            assert await count_rows(store, feedback) == distinct
+            assert await store.schema_version() == migrations.LATEST
+            return await store.summary()
+
+    per_rule = n_cards // 2
+    reasons = {f"r{m}": per_rule * sum(1 for w in range(workers) if w % 3 == m) for m in range(3)}
+    assert run(check()) == {"rules": [
+        {"rule": "bleeding-risk", "version": "1", "issued": per_rule, "accepted": per_rule,
+         "overridden": per_rule * workers, "override_reasons": reasons},
+        {"rule": "concurrency", "version": "1", "issued": 10 * workers, "accepted": 0, "overridden": 0,
+         "override_reasons": {}},
+        {"rule": "pregnancy", "version": "3", "issued": per_rule, "accepted": per_rule,
+         "overridden": per_rule * workers, "override_reasons": reasons},
+    ]}
+
+
+# ------------------------------------------------------------------------------------------------ migrations
+
+def test_migrations_upgrade_an_old_schema(db_url: str) -> None:
+    async def build_version_1() -> None:
+        store = await Store.open(db_url, migrate=False)
+        try:
+            assert await store.schema_version() == 0
+            assert await store.migrate(target=1) == 1
+            async with store._engine.begin() as conn:
+                tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+                assert {"issued_cards", "feedback"} <= tables and "jwt_replay" not in tables
+                columns = await conn.run_sync(lambda c: {col["name"] for col in sa.inspect(c).get_columns("feedback")})
+                assert "received_at" not in columns
+                # rows written by a release that knew only version 1, through that version's columns
+                old_cards = sa.table("issued_cards", *(sa.column(n) for n in (
+                    "uuid", "rule_id", "rule_version", "indicator", "hook", "hook_instance", "patient_pseudonym",
+                    "issued_at", "suggestion_uuids")))
+                old_feedback = sa.table("feedback", *(sa.column(n) for n in (
+                    "card_uuid", "outcome", "accepted_suggestions", "override_reason_system",
+                    "override_reason_code", "user_comment", "outcome_timestamp", "dedup_key")))
+                stamp = T0 if conn.dialect.name == "postgresql" else T0.replace(tzinfo=None)
+                await conn.execute(sa.insert(old_cards), [
+                    {"uuid": f"old{i}", "rule_id": "pregnancy", "rule_version": 2, "indicator": "critical",
+                     "hook": "order-sign", "hook_instance": "h", "patient_pseudonym": None, "issued_at": stamp,
+                     "suggestion_uuids": "[]"} for i in range(3)])
+                entry = overridden("old0", "negative-pregnancy-test")
+                await conn.execute(sa.insert(old_feedback).values(
+                    card_uuid="old0", outcome="overridden", accepted_suggestions="[]",
+                    override_reason_system=entry.override_reason_system, override_reason_code="negative-pregnancy-test",
+                    user_comment=None, outcome_timestamp=stamp, dedup_key=entry.dedup_key()))
+        finally:
+            await store.close()
+
+    async def upgrade() -> None:
+        async with await Store.open(db_url) as store:  # an ordinary start upgrades it
+            assert await store.schema_version() == migrations.LATEST
+            assert await store.summary() == {"rules": [
+                {"rule": "pregnancy", "version": "2", "issued": 3, "accepted": 0, "overridden": 1,
+                 "override_reasons": {"negative-pregnancy-test": 1}}]}
+            async with store._engine.connect() as conn:
+                received = (await conn.execute(sa.select(feedback.c.received_at))).scalar_one()
+                assert received == T0  # backfilled from the outcome time
+            # the old entry still deduplicates, new features work on the upgraded database
+            assert await store.record_feedback([overridden("old0", "negative-pregnancy-test")]) == 0
+            assert await store.record_feedback([accepted("old1")]) == 1
+            assert await store.claim_jti("after-upgrade", time.time() + 60) is True
+        async with await Store.open(db_url) as store:  # and opening again is a no-op
+            assert await store.migrate() == migrations.LATEST
+            async with store._engine.connect() as conn:
+                applied = (await conn.execute(sa.select(migrations.schema_version.c.version))).scalars().all()
+            assert sorted(applied) == [m.version for m in migrations.MIGRATIONS]
+
+    run(build_version_1())
+    run(upgrade())
+
+
+def test_migrations_are_numbered_without_gaps() -> None:
+    assert [m.version for m in migrations.MIGRATIONS] == list(range(1, migrations.LATEST + 1))
+    assert migrations.LATEST >= 3
+
+
+# ---------------------------------------------------------------------------------------------------- outage
+
+def test_unreachable_database_is_reported_and_counted() -> None:
+    url = "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
+
+    def errors(operation: str) -> float:
+        return STORE_ERRORS.labels(operation=operation)._value.get()
+
+    async def scenario() -> None:
+        before = errors("open")
+        with pytest.raises(StoreUnavailable):
+            await Store.open(url, connect_timeout_s=1)
+        assert errors("open") == before + 1
+        store = await Store.open(url, migrate=False, connect_timeout_s=1)  # start degraded, connect later
+        try:
+            assert await store.ping(timeout_s=2) is False
+            before = errors("record_cards")
+            with pytest.raises(StoreUnavailable):
+                await store.record_cards([card("x")])
+            assert errors("record_cards") == before + 1
+        finally:
+            await store.close()
+
+    run(scenario())
+    body, content_type = render_latest()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert b'cds_store_errors_total{operation="record_cards"}' in body
+
+
+def test_unwritable_sqlite_directory_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+
+    async def scenario() -> None:
+        with pytest.raises(StoreUnavailable):
+            await Store.open(f"sqlite+aiosqlite:///{tmp_path}/file/sub/cds.sqlite3")
+
+    run(scenario())
