@@ -168,14 +168,17 @@ class Store:
         self._dialect = engine.dialect.name
         self._insert = pg_dialect.insert if self._dialect == "postgresql" else sqlite_dialect.insert
         self._last_purge = 0.0
+        self._schema_ready = False  # set once migrations ran (or were run explicitly) in this process
+        self._schema_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True, busy_timeout_s: float = 30.0,
                    connect_timeout_s: float = 5.0) -> Store:
         """Connect (creating a SQLite file's directory) and bring the schema up to date.
 
-        Raises `StoreUnavailable` if the database cannot be reached. With `migrate=False` nothing is touched
-        until the first operation (useful to start serving while the database is down, then `migrate()`).
+        Raises `StoreUnavailable` if the database cannot be reached. With `migrate=False` the database is not
+        touched yet: the first operation that reads or writes data migrates it first (and again on the next
+        operation if that failed), so a service can start while its database is down and catch up later.
         """
         try:
             engine = _create_engine(url, busy_timeout_s=busy_timeout_s, connect_timeout_s=connect_timeout_s)
@@ -196,6 +199,7 @@ class Store:
         """Apply pending migrations (serialised across processes); returns the schema version."""
         async with self._guard("open"):
             before, after = await migrations.upgrade(self._engine, target)
+        self._schema_ready = True
         if before != after:
             log.info("store schema upgraded from version %d to %d", before, after)
         return after
@@ -343,20 +347,33 @@ class Store:
             kind = StoreUnavailable if _is_outage(exc) else StoreError
             raise kind(f"{operation}: {_describe(exc)}") from exc
 
+    async def _ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        async with self._schema_lock:
+            if not self._schema_ready:
+                await migrations.upgrade(self._engine)
+                self._schema_ready = True
+                log.info("store schema brought up to date on first use")
+
     @asynccontextmanager
     async def _write(self, operation: str) -> AsyncIterator[AsyncConnection]:
-        async with self._guard(operation), self._engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE
-            yield conn
+        async with self._guard(operation):
+            await self._ensure_schema()
+            async with self._engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE
+                yield conn
 
     @asynccontextmanager
     async def _read(self, operation: str) -> AsyncIterator[AsyncConnection]:
-        async with self._guard(operation), self._engine.connect() as conn:
-            if self._dialect == "postgresql":
-                await conn.execution_options(isolation_level="REPEATABLE READ")  # one snapshot for all queries
-            else:
-                await conn.execution_options(cds_sqlite_begin="DEFERRED")  # a WAL snapshot, no write lock
-            async with conn.begin():
-                yield conn
+        async with self._guard(operation):
+            await self._ensure_schema()
+            async with self._engine.connect() as conn:
+                if self._dialect == "postgresql":
+                    await conn.execution_options(isolation_level="REPEATABLE READ")  # one snapshot, all queries
+                else:
+                    await conn.execution_options(cds_sqlite_begin="DEFERRED")  # a WAL snapshot, no write lock
+                async with conn.begin():
+                    yield conn
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -377,23 +394,35 @@ async def _existing_cards(conn: AsyncConnection, uuids: Iterable[str]) -> set[st
     return found
 
 
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+
+
 def _describe(exc: BaseException) -> str:
     """Exception class names (and SQLSTATE) only: messages may quote statement parameters, i.e. PHI."""
     orig = getattr(exc, "orig", None)
     parts = [type(exc).__name__]
     if orig is not None:
         parts.append(type(orig).__name__)
-        sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-        if sqlstate:
-            parts.append(f"sqlstate={sqlstate}")
+    if sqlstate := _sqlstate(exc):
+        parts.append(f"sqlstate={sqlstate}")
     return "/".join(parts)
+
+
+# PostgreSQL SQLSTATE classes meaning "cannot use the database now": connection exception, insufficient
+# resources, operator intervention (shutdown, starting up), invalid authorization, no such database.
+_OUTAGE_SQLSTATES = ("08", "53", "57", "28", "3D")
 
 
 def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, TimeoutError, DisconnectionError, sa.exc.TimeoutError)):
         return True
     if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+        if exc.connection_invalidated or isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+            return True
+        sqlstate = _sqlstate(exc)
+        return bool(sqlstate and sqlstate.startswith(_OUTAGE_SQLSTATES))
     return False
 
 

@@ -175,7 +175,7 @@ def test_compose_runs_the_service_against_postgres_16() -> None:
     assert url.database == db["environment"]["POSTGRES_DB"]
     assert Settings(database_url=env["CDS_DATABASE_URL"]).sqlalchemy_url.startswith("postgresql+asyncpg://")
     assert env["CDS_ENV"] == "prod" and env["PORT"] == "8080"
-    assert set(k for k in env if k.startswith("CDS_")) <= settings_env_names()
+    assert {k for k in env if k.startswith("CDS_")} <= settings_env_names()
     assert any(p.endswith(":8080") for p in app["ports"])
 
 

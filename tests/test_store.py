@@ -24,6 +24,7 @@ from cds.store import (
     FeedbackEntry,
     IssuedCard,
     Store,
+    StoreError,
     StoreUnavailable,
     UnknownCard,
     feedback,
@@ -449,6 +450,9 @@ def test_unreachable_database_is_reported_and_counted() -> None:
     def errors(operation: str) -> float:
         return STORE_ERRORS.labels(operation=operation)._value.get()
 
+    # callers catch StoreError for outages; an unknown card is the client's mistake, not an outage
+    assert issubclass(StoreUnavailable, StoreError) and not issubclass(UnknownCard, StoreError)
+
     async def scenario() -> None:
         before = errors("open")
         with pytest.raises(StoreUnavailable):
@@ -468,6 +472,37 @@ def test_unreachable_database_is_reported_and_counted() -> None:
     body, content_type = render_latest()
     assert content_type.startswith("text/plain; version=0.0.4")
     assert b'cds_store_errors_total{operation="record_cards"}' in body
+
+
+def test_lazy_open_migrates_on_first_use(db_url: str) -> None:
+    async def scenario() -> None:
+        async with await Store.open(db_url, migrate=False) as store:
+            assert await store.schema_version() == 0
+            await store.record_cards([card("a")])
+            assert await store.schema_version() == migrations.LATEST
+            assert (await store.summary())["rules"][0]["issued"] == 1
+
+    run(scenario())
+
+
+def test_store_started_while_database_is_down_catches_up(pg_server: pg.PgServer) -> None:
+    url = pg_server.new_database_url()  # not created yet: connections fail as if the server were down
+
+    async def scenario() -> None:
+        async with await Store.open(url, migrate=False) as store:
+            assert await store.ping() is False
+            with pytest.raises(StoreUnavailable):
+                await store.record_cards([card("early")])
+            await asyncio.to_thread(pg_server.create_database, url)  # the database comes up
+            assert await store.ping() is True
+            await store.record_cards([card("late")])  # migrates, then writes
+            assert await store.record_feedback([accepted("late")]) == 1
+            assert (await store.summary())["rules"][0]["issued"] == 1
+
+    try:
+        run(scenario())
+    finally:
+        pg_server.drop_database(url)
 
 
 def test_unwritable_sqlite_directory_is_reported(tmp_path: Path) -> None:
