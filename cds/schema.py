@@ -1,0 +1,284 @@
+"""The schema of the files in cards/: strict pydantic models, so a typo or an unknown field stops the start-up.
+
+A rule's `when` is a closed grammar: each node is a one-key mapping whose key names its kind.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+Indicator = Literal["info", "warning", "critical"]
+INDICATOR_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
+SUMMARY_LIMIT = 140  # CDS Hooks: summary "<140 characters"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --- value sets ---------------------------------------------------------------------------------
+
+Verified = Literal["V", "V2", "derived", "local"]  # terminology reference marks; U codes never ship
+
+
+class CodeEntry(Strict):
+    system: str
+    code: str
+    display: str
+    verified: Verified
+    source: str | None = None
+
+
+class PrefixEntry(Strict):
+    system: str
+    prefix: str
+    display: str
+    verified: Verified
+    source: str | None = None
+
+
+class ValueSetFile(Strict):
+    id: str
+    title: str
+    provenance: str
+    codes: list[CodeEntry] = []
+    prefixes: list[PrefixEntry] = []
+    text: list[str] = []
+    exclude_codes: list[CodeEntry] = []
+    exclude_prefixes: list[PrefixEntry] = []
+    exclude_text: list[str] = []
+
+
+# --- orderables, ingredients, body sites --------------------------------------------------------
+
+class Orderable(Strict):
+    code: str
+    display: str
+    site: str | None = None
+    formulation: list[str] = []
+
+
+class OrderablesFile(Strict):
+    system: str
+    orderables: list[Orderable]
+    other_codes: list[CodeEntry] = []
+    text: list[str]
+    exclude_text: list[str] = []
+    default_formulation: list[str]
+
+
+class IngredientClass(Strict):
+    id: str
+    display: str
+    synonyms: list[str] = []
+
+
+class Ingredient(Strict):
+    id: str
+    display: str
+    ingredient_class: str | None = Field(default=None, alias="class")
+    codes: list[CodeEntry] = []
+    synonyms: list[str]
+
+
+class IngredientsFile(Strict):
+    classes: list[IngredientClass] = []
+    ingredients: list[Ingredient]
+
+
+class BodySite(Strict):
+    id: str
+    display: str
+    within: str | None = None
+    codes: list[CodeEntry] = []
+    text: list[str] = []
+
+
+class BodySitesFile(Strict):
+    areas: list[BodySite]
+    icd_prefix_sites: dict[str, str] = {}
+
+
+class TextFile(Strict):
+    negation_before: list[str]
+    negation_after: list[str]
+
+
+class OverrideReason(Strict):
+    code: str
+    display: str
+
+
+class ServiceFile(Strict):
+    title: str
+    description: str
+    usage_requirements: str
+    source_label: str
+    topic_system: str
+    override_reason_system: str
+    override_reasons: list[OverrideReason]
+
+
+# --- rules: a closed grammar ----------------------------------------------------------------------
+
+class Recent(Strict):
+    days_setting: str
+    indicator: Indicator
+    in_: str | None = Field(default=None, alias="in")
+
+
+class ConditionSpec(Strict):
+    in_: str = Field(alias="in")
+    not_in: list[str] = []
+    history: bool = False
+    indicator: Indicator | None = None
+    recent: Recent | None = None
+    site: bool = False  # compare with the order's treatment site
+    site_unknown_indicator: Indicator = "warning"
+
+
+class ObservationSpec(Strict):
+    code: str
+    answer: str
+    boolean: bool | None = None
+    max_age_setting: str
+    indicator: Indicator | None = None
+
+
+class MedicationSpec(Strict):
+    in_: str = Field(alias="in")
+    indicator: Indicator | None = None
+
+
+class AllergySpec(Strict):
+    no_known: str
+    critical_manifestations: str
+    severe_indicator: Indicator = "critical"
+
+
+class IngredientAllergySpec(Strict):
+    no_known: str
+    related_indicator: Indicator = "warning"
+
+
+class WeanedSpec(Strict):
+    conditions: str
+    observation: str
+    feeding_answers: str
+    weaned_answers: str
+
+
+class PregnancyUnknownSpec(Strict):
+    conditions: str
+    observation: str
+    genders: list[str] = ["female"]
+
+
+class IncompleteSpec(Strict):
+    pass
+
+
+class ConditionLeaf(Strict):
+    condition: ConditionSpec
+
+
+class ObservationLeaf(Strict):
+    observation: ObservationSpec
+
+
+class MedicationLeaf(Strict):
+    medication: MedicationSpec
+
+
+class AllergyLeaf(Strict):
+    allergy: AllergySpec
+
+
+class IngredientAllergyLeaf(Strict):
+    ingredient_allergy: IngredientAllergySpec
+
+
+class WeanedLeaf(Strict):
+    weaned: WeanedSpec
+
+
+class PregnancyUnknownLeaf(Strict):
+    pregnancy_status_unknown: PregnancyUnknownSpec
+
+
+class IncompleteLeaf(Strict):
+    screening_incomplete: IncompleteSpec
+
+
+class AnyNode(Strict):
+    any: list[Node]
+
+
+def _node_kind(value: Any) -> str | None:
+    """A node is a one-key mapping; its key names its kind (`any`, `condition`, `observation`, ...)."""
+    if isinstance(value, dict) and len(value) == 1:
+        return str(next(iter(value)))
+    if isinstance(value, BaseModel):
+        return next(iter(type(value).model_fields))
+    return None
+
+
+Node = Annotated[
+    Annotated[AnyNode, Tag("any")]
+    | Annotated[ConditionLeaf, Tag("condition")]
+    | Annotated[ObservationLeaf, Tag("observation")]
+    | Annotated[MedicationLeaf, Tag("medication")]
+    | Annotated[AllergyLeaf, Tag("allergy")]
+    | Annotated[IngredientAllergyLeaf, Tag("ingredient_allergy")]
+    | Annotated[WeanedLeaf, Tag("weaned")]
+    | Annotated[PregnancyUnknownLeaf, Tag("pregnancy_status_unknown")]
+    | Annotated[IncompleteLeaf, Tag("screening_incomplete")],
+    Discriminator(_node_kind),
+]
+AnyNode.model_rebuild()
+
+
+class Source(Strict):
+    citation: str
+    seed: str
+    quote: str
+
+
+class CreateAction(Strict):
+    description: str
+    resource: dict[str, Any]
+
+
+class SuggestionSpec(Strict):
+    label: str
+    create: CreateAction | None = None
+
+
+class Rule(Strict):
+    id: str
+    version: int = Field(ge=1)
+    status: Literal["active", "draft", "retired"]
+    title: str
+    indicator: Indicator
+    extension: str | None = None
+    summary: dict[Indicator, str]
+    when: Node
+    verify_if_male: bool = False
+    suppressed_by: list[str] = []
+    excludes_evidence_of: list[str] = []
+    rationale: str
+    advice: str
+    source: Source
+    suggestions: list[SuggestionSpec] = []
+    override_reasons: list[str]
+
+    @model_validator(mode="after")
+    def _summaries(self) -> Rule:
+        if self.indicator not in self.summary:
+            raise ValueError(f"summary has no text for the rule's own indicator {self.indicator!r}")
+        for level, text in self.summary.items():
+            if len(text) >= SUMMARY_LIMIT:
+                raise ValueError(f"summary[{level}] is {len(text)} characters; CDS Hooks needs < 140")
+        return self
