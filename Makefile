@@ -33,5 +33,8 @@ test: install-test
 lint: install-test
 	$(BIN)/ruff check cds tests
 
+bench: install-test  # BENCH_ARGS="--duration 2 --warmup 0.5" for a quick run
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache

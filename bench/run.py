@@ -1,0 +1,215 @@
+"""`make bench`: the service against the floor of its own stack, in one run, on the same requests.
+
+Starts the service (`python -m cds`: uvicorn with uvloop + httptools, one worker, dev mode), the floor app
+(`bench/floor.py`) and, for the fetch workload, a delayed FHIR stub (`bench/fhirstub.py`), each in its own process
+on a free port of 127.0.0.1. For every workload it checks one request of each, warms both up, then drives them
+alternately in slices (service, floor, service, ...) at a fixed concurrency with the closed-loop generator of
+`bench/loadgen.py`, which runs in this process: on a small machine it shares the CPU with the servers, and the
+output says so. Prints a table per workload and a summary, writes `bench/results.json`, and exits 0 whatever the
+numbers are (2 only when a server cannot start at all).
+
+Options (or BENCH_* environment variables): --duration 10 (seconds per endpoint per workload), --warmup 2,
+--concurrency 16, --slices 5, --workloads typical,busy,synthea,fetch, --fhir-delay-ms 50, --output PATH.
+Quick run: `python bench/run.py --duration 2 --warmup 0.5`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen  # noqa: E402
+import report  # noqa: E402
+import servers  # noqa: E402
+import workloads  # noqa: E402
+from report import say  # noqa: E402
+
+PATH = "/cds-services/mesotherapy-contraindications"
+TOKEN = "bench-token-3f9a7c"  # the stub's bearer token, sent by the EHR in fhirAuthorization
+# the fetch workload's per-query delays, as shares of the slowest one: in series they would add up to 4x it
+DELAY_SHARES = {"patient": 0.2, "conditions": 1.0, "allergies": 0.6, "pregnancyStatus": 0.4,
+                "breastfeedingStatus": 0.4, "medicationRequests": 0.8, "medicationStatements": 0.6}
+
+
+def options() -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=float(env("BENCH_DURATION", "10")))
+    p.add_argument("--warmup", type=float, default=float(env("BENCH_WARMUP", "2")))
+    p.add_argument("--concurrency", type=int, default=int(env("BENCH_CONCURRENCY", "16")))
+    p.add_argument("--slices", type=int, default=int(env("BENCH_SLICES", "5")))
+    p.add_argument("--workloads", default=env("BENCH_WORKLOADS", "typical,busy,synthea,fetch"))
+    p.add_argument("--fhir-delay-ms", type=float, default=float(env("BENCH_FHIR_DELAY_MS", "50")))
+    p.add_argument("--output", type=Path, default=Path(env("BENCH_OUTPUT", str(servers.BENCH / "results.json"))))
+    return p.parse_args()
+
+
+async def probe(server: servers.Server, body: bytes) -> dict[str, Any]:
+    """One request: its status, time and card topics (so the table says what was measured)."""
+    started = time.perf_counter()
+    try:
+        status, payload = await loadgen.one("127.0.0.1", server.port, PATH, body)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        return {"status": None, "error": f"{type(exc).__name__}: {exc}"}
+    ms = round((time.perf_counter() - started) * 1000, 2)
+    try:
+        cards = orjson.loads(payload).get("cards", [])
+        topics = [f"{c['source']['topic']['code']}({c['indicator']})" for c in cards]
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+        topics = []
+    return {"status": status, "ms": ms, "cards": topics}
+
+
+async def alternate(targets: list[servers.Server], body: bytes, concurrency: int, duration: float,
+                    warmup: float, slices: int) -> dict[str, dict[str, Any]]:
+    """Warm every target up, then drive them in turn, slice by slice; one summary per target."""
+    for server in targets:
+        await loadgen.run("127.0.0.1", server.port, PATH, body, concurrency, warmup, ramp=0)
+    totals = {server.name: loadgen.Result() for server in targets}
+    for _ in range(max(slices, 1)):
+        for server in targets:
+            part = await loadgen.run("127.0.0.1", server.port, PATH, body, concurrency, duration / max(slices, 1),
+                                     cpu=server.cpu_seconds)
+            totals[server.name].add(part)
+    out: dict[str, dict[str, Any]] = {}
+    for name, result in totals.items():
+        out[name] = result.summary()
+        if result.first_error:
+            out[name]["first_error"] = result.first_error
+    return out
+
+
+def ratios(load: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    s, f = load.get("service", {}), load.get("floor", {})
+
+    def div(a: Any, b: Any) -> float | None:
+        return round(a / b, 3) if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+
+    return {"throughput": div(s.get("rps"), f.get("rps")), "p50": div(s.get("p50_ms"), f.get("p50_ms")),
+            "p99": div(s.get("p99_ms"), f.get("p99_ms"))}
+
+
+async def stub_stats(stub: servers.Server, reset: bool = False) -> dict[str, Any]:
+    """The stub's counters since the last reset; `reset` zeroes them after reading."""
+    async with httpx.AsyncClient(base_url=stub.base_url, timeout=5) as client:
+        stats = (await client.get("/__stats")).json()
+        if reset:
+            await client.post("/__reset")
+        return stats
+
+
+async def bench_workload(name: str, body: bytes, n: int | None, svc: list[servers.Server], args: argparse.Namespace,
+                         stub: servers.Server | None = None) -> dict[str, Any]:
+    service, floor = svc
+    result: dict[str, Any] = {"resources": n, "body_bytes": len(body),
+                              "probe": {s.name: await probe(s, body) for s in (service, floor)}}
+    if stub is not None:
+        await stub_stats(stub, reset=True)
+    result["load"] = await alternate([service, floor], body, args.concurrency, args.duration, args.warmup,
+                                     args.slices)
+    result["load"]["ratio"] = ratios(result["load"])
+    result["load"]["concurrency"] = args.concurrency
+    if name in ("synthea", "fetch"):  # latency without queueing: one request at a time
+        serial_s = max(args.duration / 2, 1.0)
+        if stub is not None:  # warm-up and all slices under load
+            result["stub_under_load"] = await stub_stats(stub, reset=True)
+        result["serial"] = await alternate([service, floor], body, 1, serial_s, min(args.warmup, 1.0), args.slices)
+        result["serial"]["ratio"] = ratios(result["serial"])
+        result["serial"]["concurrency"] = 1
+        if stub is not None:
+            result["stub_serial"] = await stub_stats(stub)
+    if stub is not None:
+        slowest = args.fhir_delay_ms
+        result["fetch"] = {
+            "queries": len(DELAY_SHARES), "slowest_query_ms": slowest,
+            "queries_in_series_ms": round(sum(DELAY_SHARES.values()) * slowest, 1),
+            "added_ms": {mode: {k: _minus(result[mode]["service"][f"{k}_ms"], slowest) for k in ("p50", "p99")}
+                         for mode in ("load", "serial")},
+        }
+    return result
+
+
+def _minus(value: float | None, delay: float) -> float | None:
+    return None if value is None else round(value - delay, 2)
+
+
+async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "uvloop" or "asyncio"
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    results: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": servers.machine(),
+        "stack": servers.stack_versions(), "code": servers.git_state(),
+        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
+                     "slices": args.slices, "fhir_delay_ms": args.fhir_delay_ms},
+        "generator": f"closed-loop raw HTTP/1.1 over asyncio ({loop_name}), in the orchestrating process; it "
+                     f"shares the machine's {os.cpu_count()} cores with the servers",
+        "workloads": {},
+    }
+    started = [servers.start_service(log_dir), servers.start_floor(log_dir)]
+    stub = None
+    try:
+        if "fetch" in chosen:
+            data_file = log_dir / "fetch-record.json"
+            data_file.write_bytes(orjson.dumps(workloads.record(workloads.SIZES["typical"])))
+            delays = {k: share * args.fhir_delay_ms for k, share in DELAY_SHARES.items()}
+            stub = servers.start_stub(log_dir, data_file, TOKEN, json.dumps(delays))
+            started.append(stub)
+        for server in started:
+            await asyncio.to_thread(server.wait_healthy, 90.0)
+        report.preamble(results)
+        for name in chosen:
+            if name == "fetch" and stub is not None:
+                n = workloads.SIZES["typical"]
+                body = orjson.dumps(workloads.hook_request(None, fhir_server=f"{stub.base_url}/fhir", token=TOKEN))
+            elif name in workloads.SIZES:
+                n = workloads.SIZES[name]
+                body = orjson.dumps(workloads.hook_request(workloads.record(n)))
+            else:
+                say(f"unknown workload {name!r}: skipped", flush=True)
+                continue
+            try:
+                wl = await bench_workload(name, body, n, started[:2], args, stub if name == "fetch" else None)
+            except Exception as exc:  # report and go on: the benchmark never fails on numbers
+                wl = {"error": f"{type(exc).__name__}: {exc}"}
+            results["workloads"][name] = wl
+            report.workload(name, wl)
+        results["machine"]["load_average_at_end"] = servers.machine()["load_average_at_start"]
+        results["derived"] = report.derived(results["workloads"])
+        report.summary(results)
+    finally:
+        for server in started:
+            server.stop()
+    return results
+
+
+def main() -> int:
+    args = options()
+    log_dir = Path(tempfile.mkdtemp(prefix="cds-bench-"))
+    loadgen.install_uvloop()
+    try:
+        results = asyncio.run(main_async(args, log_dir))
+    except RuntimeError as exc:
+        say(f"\nbench: a server could not start, nothing was measured: {exc}\n(logs in {log_dir})", flush=True)
+        return 2
+    results["logs"] = str(log_dir)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    say(f"\nresults written to {args.output}; server logs in {log_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
