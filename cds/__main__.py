@@ -30,7 +30,8 @@ def main() -> int:
         kind = "invalid knowledge in cards/" if isinstance(exc, KnowledgeError) else "unsafe configuration"
         log.error("refusing to start: %s: %s", kind, exc)
         return 2
-    uvicorn.run(app, host=host, port=port, log_config=None, log_level=settings.log_level.lower())
+    uvicorn.run(app, host=host, port=port, log_config=None, log_level=settings.log_level.lower(),
+                access_log=settings.access_log)
     return 0
 
 

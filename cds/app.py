@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import html
 import logging
 import time
@@ -19,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, metrics
+from .audit import AuditWriter
 from .errors import CDSError, ConfigError, InvalidRequest, NotAuthenticated, PayloadTooLarge, ServiceNotFound
 from .feedback import parse_feedback
 from .hooks import SERVED_HOOKS, validate_request
@@ -32,7 +34,7 @@ from .settings import Settings, get_settings
 from .store import IssuedCard, Store, StoreError, UnknownCard
 
 SERVICE_ID = "mesotherapy-contraindications"
-STORE_WRITE_WAIT_S = 0.25  # how long a hook answer waits for its audit write before answering anyway
+AUDIT_GRACE_S = 0.3  # feedback naming an unknown card is retried once after this: another worker may be writing it
 log = logging.getLogger("cds")
 
 
@@ -109,12 +111,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.http = http
             app.state.store = store
             app.state.verifier = ClientVerifier(settings, http, replay=store) if settings.jwt_required else None
-            app.state.pending = set()
+            app.state.audit = AuditWriter(store)
+            app.state.audit.start()
+            gc.collect()
+            gc.freeze()  # start-up objects (models, knowledge) never need scanning again
             try:
                 yield
             finally:
-                if app.state.pending:
-                    await asyncio.wait(app.state.pending, timeout=5)
+                await app.state.audit.close()
                 await store.close()
 
     app = FastAPI(title="Mesotherapy contraindication CDS service", version=__version__, lifespan=lifespan,
@@ -162,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for c in cards:
             metrics.CARDS.labels(topic=c["source"]["topic"]["code"], indicator=c["indicator"]).inc()
         if cards:
-            await audit(request.app, body, cards, patient)
+            audit(request.app, body, cards, patient)
         log.info("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
                                          "patient": patient, "cards": len(cards), "ms": round(elapsed * 1000, 1)})
         return FhirJSON({"cards": [clean(c) for c in cards]})
@@ -181,22 +185,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.PREFETCH.labels(outcome=source).inc()
         for kind in gathered.errors:
             metrics.FHIR_ERRORS.labels(kind=kind).inc()
-        record = build_record(gathered, context["patientId"], set(drafts))
+        record = build_record(gathered, context["patientId"], set(drafts.resources))
         findings = evaluate(kb, record, orders, datetime.now(UTC).date(), settings)
         return [card(f, orders, kb, base, record.patient.id) for f in findings], patient
 
-    async def audit(app_: FastAPI, body: dict[str, Any], cards: list[dict[str, Any]], patient: str) -> None:
-        """Record the issued cards; a slow or failing store never holds back or loses the answer."""
+    def audit(app_: FastAPI, body: dict[str, Any], cards: list[dict[str, Any]], patient: str) -> None:
+        """Queue the issued cards for the audit store; the answer never waits for the database."""
         now = datetime.now(UTC)
-        issued = [IssuedCard(
-            uuid=c["uuid"], rule_id=c["source"]["topic"]["code"], rule_version=kb.by_id[c["source"]["topic"]["code"]]
-            .version, indicator=c["indicator"], hook=body["hook"], hook_instance=body["hookInstance"],
+        app_.state.audit.submit([IssuedCard(
+            uuid=c["uuid"], rule_id=(topic := c["source"]["topic"]["code"]), rule_version=kb.by_id[topic].version,
+            indicator=c["indicator"], hook=body["hook"], hook_instance=body["hookInstance"],
             patient_pseudonym=patient, issued_at=now, suggestion_uuids=[s["uuid"] for s in c.get("suggestions", [])],
-        ) for c in cards]
-        task = asyncio.ensure_future(_record_cards(app_.state.store, issued, body["hookInstance"]))
-        app_.state.pending.add(task)
-        task.add_done_callback(app_.state.pending.discard)
-        await asyncio.wait({task}, timeout=STORE_WRITE_WAIT_S)
+        ) for c in cards])
 
     @app.post("/cds-services/{service_id}/feedback")
     async def post_feedback(service_id: str, request: Request, claims: Client) -> Response:
@@ -204,7 +204,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         entries = parse_feedback(await read_json(request, settings.max_body_bytes))
         try:
-            await request.app.state.store.record_feedback(entries)
+            await request.app.state.audit.flush()  # cards this worker issued a moment ago are stored first
+            try:
+                await request.app.state.store.record_feedback(entries)
+            except UnknownCard:  # possibly issued by another worker whose batch is still being written
+                await asyncio.sleep(AUDIT_GRACE_S)
+                await request.app.state.store.record_feedback(entries)
         except UnknownCard as exc:
             index = next(i for i, e in enumerate(entries) if e.card_uuid == exc.uuid)
             raise InvalidRequest(f"feedback[{index}].card {exc.uuid!r} is not a card this service issued",
@@ -271,13 +276,6 @@ async def _open_store(settings: Settings) -> Store:
     except StoreError as exc:
         log.error("audit store unavailable at start-up (%s); cards are served, auditing retries", type(exc).__name__)
         return await Store.open(settings.sqlalchemy_url, migrate=False)
-
-
-async def _record_cards(store: Store, issued: list[IssuedCard], hook_instance: str) -> None:
-    try:
-        await store.record_cards(issued)
-    except Exception as exc:  # noqa: BLE001 - an audit failure is logged and counted, never raised to the EHR
-        log.error("issued cards not recorded: %s", type(exc).__name__, extra={"hookInstance": hook_instance})
 
 
 async def read_json(request: Request, limit: int) -> Any:

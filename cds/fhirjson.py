@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
@@ -35,6 +35,7 @@ def norm_system(system: str | None) -> str:
     return _SYSTEM_ALIASES.get(system, system)
 
 
+@lru_cache(maxsize=65_536)
 def fold(text: str) -> str:
     """Lower-case, accent-free, single-spaced text for matching ("Mésothérapie" -> "mesotherapie")."""
     decomposed = unicodedata.normalize("NFKD", text)
@@ -42,19 +43,28 @@ def fold(text: str) -> str:
     return re.sub(r"\s+", " ", stripped.casefold()).strip()
 
 
-@dataclass(frozen=True, slots=True)
-class Coding:
+class Coding(NamedTuple):
     system: str
     code: str
     display: str
 
 
-@dataclass(frozen=True, slots=True)
 class Coded:
-    """A CodeableConcept reduced to its codings and texts (R5 CodeableReference.concept unwrapped)."""
+    """A CodeableConcept reduced to its codings and texts (R5 CodeableReference.concept unwrapped).
 
-    codings: tuple[Coding, ...] = ()
-    texts: tuple[str, ...] = ()
+    `hits` caches which value sets this concept belongs to (filled by `matching.MatchIndex`), so a record read
+    once is classified once, however many rules ask.
+    """
+
+    __slots__ = ("codings", "texts", "hits")
+
+    def __init__(self, codings: tuple[Coding, ...] = (), texts: tuple[str, ...] = ()) -> None:
+        self.codings = codings
+        self.texts = texts
+        self.hits: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"Coded({self.codings!r}, {self.texts!r})"
 
     @property
     def label(self) -> str:
@@ -73,6 +83,10 @@ class Coded:
         return [t for t in self.texts if t] + [c.display for c in self.codings if c.display]
 
     def merged(self, other: Coded) -> Coded:
+        if not other.codings and not other.texts:
+            return self
+        if not self.codings and not self.texts:
+            return other
         return Coded(self.codings + other.codings, self.texts + other.texts)
 
 
@@ -83,6 +97,21 @@ def coded(value: Any) -> Coded:
     """Read a CodeableConcept, an R5 CodeableReference, a Coding, a list of those, or a bare string."""
     if value is None:
         return EMPTY
+    if isinstance(value, dict):
+        raw_codings = value.get("coding")
+        if raw_codings is None and isinstance(value.get("concept"), dict):  # R5 CodeableReference
+            inner = coded(value["concept"])
+            ref = value.get("reference")
+            if isinstance(ref, dict) and isinstance(ref.get("display"), str):
+                inner = inner.merged(Coded((), (ref["display"],)))
+            return inner
+        codings: tuple[Coding, ...] = ()
+        if isinstance(raw_codings, list):
+            codings = tuple(_coding(c) for c in raw_codings if isinstance(c, dict))
+        elif "code" in value and ("system" in value or "display" in value):  # a bare Coding
+            codings = (_coding(value),)
+        text = value.get("text")
+        return Coded(codings, (text,) if isinstance(text, str) else ())
     if isinstance(value, str):
         return Coded((), (value,))
     if isinstance(value, list):
@@ -90,34 +119,16 @@ def coded(value: Any) -> Coded:
         for item in value:
             result = result.merged(coded(item))
         return result
-    if not isinstance(value, dict):
-        return EMPTY
-    if "concept" in value and isinstance(value["concept"], dict):  # R5 CodeableReference
-        inner = coded(value["concept"])
-        ref = value.get("reference")
-        if isinstance(ref, dict) and isinstance(ref.get("display"), str):
-            inner = inner.merged(Coded((), (ref["display"],)))
-        return inner
-    codings: list[Coding] = []
-    raw_codings = value.get("coding")
-    if isinstance(raw_codings, list):
-        for c in raw_codings:
-            if isinstance(c, dict):
-                codings.append(_coding(c))
-    elif "code" in value and ("system" in value or "display" in value):  # a bare Coding
-        codings.append(_coding(value))
-    texts: tuple[str, ...] = ()
-    if isinstance(value.get("text"), str):
-        texts = (value["text"],)
-    return Coded(tuple(codings), texts)
+    return EMPTY
 
 
 def _coding(c: dict[str, Any]) -> Coding:
+    system = c.get("system")
     code = c.get("code")
     display = c.get("display")
     return Coding(
-        norm_system(c.get("system") if isinstance(c.get("system"), str) else None),
-        str(code).strip() if isinstance(code, str | int) else "",
+        _SYSTEM_ALIASES.get(system, system) if isinstance(system, str) else "",
+        (code.strip() if isinstance(code, str) else str(code)) if isinstance(code, str | int) else "",
         display if isinstance(display, str) else "",
     )
 
@@ -126,6 +137,10 @@ def status_code(value: Any) -> str | None:
     """The code of a status element: a plain code (R4 MedicationRequest) or a CodeableConcept."""
     if isinstance(value, str):
         return value
+    if isinstance(value, dict) and isinstance(value.get("coding"), list):
+        for coding_ in value["coding"]:
+            if isinstance(coding_, dict) and isinstance(coding_.get("code"), str) and coding_["code"]:
+                return str(coding_["code"])
     c = coded(value)
     for coding in c.codings:
         if coding.code:
@@ -142,6 +157,11 @@ def parse_date(value: Any) -> date | None:
     """A FHIR date/dateTime/instant as a calendar date (partial dates take the first day)."""
     if not isinstance(value, str):
         return None
+    if len(value) >= 10 and value[4:5] == "-" and value[7:8] == "-":
+        try:
+            return date.fromisoformat(value[:10])
+        except ValueError:
+            pass
     m = _DATE.match(value.strip())
     if not m:
         return None
@@ -166,21 +186,29 @@ def parse_instant(value: Any) -> datetime | None:
     return datetime(d.year, d.month, d.day, tzinfo=UTC) if d else None
 
 
+_CHOICE_TYPES = ("DateTime", "Period", "Instant", "Date", "String", "Age", "Range", "Boolean", "CodeableConcept",
+                 "Quantity", "Coding", "Integer")
+
+
 def choice(resource: dict[str, Any], prefix: str) -> tuple[str, Any] | None:
     """The populated choice element `prefix[x]`: ("DateTime", value), ("Period", {...}) ..."""
-    for key, value in resource.items():
-        if key.startswith(prefix) and len(key) > len(prefix) and key[len(prefix)].isupper():
-            return key[len(prefix):], value
+    for kind in _CHOICE_TYPES:
+        value = resource.get(prefix + kind)
+        if value is not None:
+            return kind, value
     return None
 
 
 def choice_date(resource: dict[str, Any], prefix: str, *, end: bool = False) -> tuple[bool, date | None]:
     """(present, date) for onset[x]/abatement[x]/effective[x]; a Period gives its start (or end)."""
+    value = resource.get(prefix + "DateTime")
+    if value is not None:
+        return True, parse_date(value)
     found = choice(resource, prefix)
     if found is None:
         return False, None
     kind, value = found
-    if kind in ("DateTime", "Instant", "Date"):
+    if kind in ("Instant", "Date"):
         return True, parse_date(value)
     if kind == "Period" and isinstance(value, dict):
         first, second = ("end", "start") if end else ("start", "end")

@@ -19,6 +19,7 @@ from .errors import KnowledgeError
 from .fhirjson import ICD10CM
 from .matching import (
     Match,
+    MatchIndex,
     SiteTable,
     TextMatcher,
     ValueSet,
@@ -70,7 +71,6 @@ class KnowledgeBase:
     valuesets: dict[str, ValueSet]
     orderables: OrderablesFile
     orderable_text: TextMatcher
-    orderable_exclude: re.Pattern[str] | None
     ingredients: dict[str, Ingredient]
     ingredient_classes: dict[str, IngredientClass]
     ingredient_codes: dict[tuple[str, str], str]
@@ -79,6 +79,7 @@ class KnowledgeBase:
     sites: SiteTable
     override_reasons: dict[str, OverrideReason]
     negation: TextFile
+    index: MatchIndex
     by_id: dict[str, Rule] = field(default_factory=dict)
 
     def vs(self, name: str) -> ValueSet:
@@ -111,8 +112,8 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
     neg_before = re.compile("|".join(text_file.negation_before))
     neg_after = re.compile("|".join(text_file.negation_after))
 
-    def matcher(patterns: Iterable[str]) -> TextMatcher:
-        return TextMatcher(union_pattern(patterns), neg_before, neg_after)
+    def matcher(patterns: Iterable[str], exclude: Iterable[str] = ()) -> TextMatcher:
+        return TextMatcher(union_pattern(patterns), neg_before, neg_after, union_pattern(exclude))
 
     valuesets: dict[str, ValueSet] = {}
     for path in sorted((directory / "valuesets").glob("*.yaml")):
@@ -128,11 +129,12 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
                 prefixes=prefix_table(vs.prefixes),
                 excluded=frozenset((system_uri(c.system), c.code) for c in vs.exclude_codes),
                 excluded_prefixes=prefix_table(vs.exclude_prefixes),
-                text=matcher(vs.text),
-                exclude_text=union_pattern(vs.exclude_text),
+                text=matcher(vs.text, vs.exclude_text),
             )
         except re.error as exc:
             raise KnowledgeError(f"{path}: bad text pattern: {exc}") from exc
+
+    index = MatchIndex(valuesets)
 
     service: ServiceFile = _parse(ServiceFile, directory / "service.yaml")
     reasons = {r.code: r for r in service.override_reasons}
@@ -184,8 +186,7 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
         rules=_evaluation_order(rules),
         valuesets=valuesets,
         orderables=orderables,
-        orderable_text=matcher(orderables.text),
-        orderable_exclude=union_pattern(orderables.exclude_text),
+        orderable_text=matcher(orderables.text, orderables.exclude_text),
         ingredients=ingredients,
         ingredient_classes=classes,
         ingredient_codes={(system_uri(c.system), c.code): i.id for i in ingredients.values() for c in i.codes},
@@ -194,6 +195,7 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
         sites=sites,
         override_reasons=reasons,
         negation=text_file,
+        index=index,
         by_id=by_id,
     )
     return kb

@@ -102,4 +102,6 @@ def configure_logging(level: str = "INFO", fmt: Literal["json", "text"] = "json"
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    for name in ("httpx", "httpcore"):  # their INFO lines carry FHIR URLs, and so patient ids
+        logging.getLogger(name).setLevel(logging.WARNING)
     return handler

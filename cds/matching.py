@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .fhirjson import ICD10CM, LOINC, RXNORM, SNOMED, Coded, fold, norm_system
@@ -37,27 +37,52 @@ class Match:
     what: str  # "SNOMED 77386006 Pregnant" or the matched text
 
 
+FAMILY_HISTORY = "family-history"  # the value set of records about relatives (cards/valuesets/family-history.yaml)
+MEMO_LIMIT = 50_000  # distinct texts remembered per matcher; EHR displays repeat, so most look-ups hit
+
+
 @dataclass(slots=True)
 class TextMatcher:
-    """Case- and accent-insensitive phrase search that ignores negated mentions."""
+    """Case- and accent-insensitive phrase search that ignores negated mentions.
+
+    Decisions are memoised per text: the same display ("Hypertensive disorder") recurs across every chart, and
+    the answer depends only on the text and the knowledge loaded at start-up.
+    """
 
     pattern: re.Pattern[str] | None
     negation_before: re.Pattern[str]
     negation_after: re.Pattern[str]
+    exclude: re.Pattern[str] | None = None
+    memo: dict[str, bool] = field(default_factory=dict)
 
     def search(self, text: str) -> str | None:
+        """`text` when it mentions the pattern outside a negation (and no exclusion applies), else None."""
         if self.pattern is None:
             return None
+        hit = self.memo.get(text)
+        if hit is None:
+            if len(self.memo) >= MEMO_LIMIT:
+                self.memo.clear()
+            hit = self.memo[text] = self._decide(text)
+        return text if hit else None
+
+    def _decide(self, text: str) -> bool:
+        assert self.pattern is not None
         folded = fold(text)
+        if self.exclude is not None and self.exclude.search(folded):
+            return False
         for m in self.pattern.finditer(folded):
             clause_start = max(folded.rfind(sep, 0, m.start()) for sep in (".", ";", ",", "|")) + 1
             before = folded[clause_start : m.start()]
-            after_end = min([i for i in (folded.find(s, m.end()) for s in ".;,|") if i >= 0] or [len(folded)])
-            after = folded[m.end() : after_end]
+            word_end = m.end()
+            while word_end < len(folded) and folded[word_end].isalnum():  # "pregnan|t: no" -> after is ": no"
+                word_end += 1
+            after_end = min([i for i in (folded.find(s, word_end) for s in ".;,|") if i >= 0] or [len(folded)])
+            after = folded[word_end:after_end]
             if self.negation_before.search(before) or self.negation_after.search(after):
                 continue
-            return text
-        return None
+            return True
+        return False
 
 
 def union_pattern(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -75,8 +100,8 @@ class ValueSet:
     prefixes: dict[str, tuple[str, ...]]
     excluded: frozenset[tuple[str, str]]
     excluded_prefixes: dict[str, tuple[str, ...]]
-    text: TextMatcher
-    exclude_text: re.Pattern[str] | None
+    text: TextMatcher  # carries the value set's exclude_text
+    index: MatchIndex | None = None
 
     def _code_hit(self, system: str, code: str, codes: Any, prefixes: dict[str, tuple[str, ...]]) -> bool:
         if (system, code) in codes:
@@ -89,6 +114,11 @@ class ValueSet:
 
     def match(self, value: Coded) -> Match | None:
         """Match by code first; else by text (code.text and displays) with negations ignored."""
+        assert self.index is not None, "value set used before its knowledge base was built"
+        return self.index.hits(value).get(self.id)
+
+    def match_slow(self, value: Coded) -> Match | None:
+        """The same answer as `match`, computed for this value set alone (the index is built from this)."""
         for c in value.codings:
             if c.code and self._code_hit(c.system, c.code, self.excluded, self.excluded_prefixes):
                 return None
@@ -97,14 +127,83 @@ class ValueSet:
                 continue
             key = (c.system, icd_key(c.code) if c.system == ICD10CM else c.code)
             if key in self.codes or self._code_hit(c.system, c.code, (), self.prefixes):
-                return Match("code", f"{_system_label(c.system)} {c.code} {c.display}".strip())
+                return Match("code", code_label(c))
         for text in value.all_texts():
-            if self.exclude_text is not None and self.exclude_text.search(fold(text)):
-                continue
-            hit = self.text.search(text)
-            if hit:
-                return Match("text", hit)
+            if self.text.search(text):
+                return Match("text", text)
         return None
+
+
+def code_label(c: Any) -> str:
+    return f"{_system_label(c.system)} {c.code} {c.display}".strip()
+
+
+class MatchIndex:
+    """Every value set at once: (system, code) and prefix look-ups, and a memo of text decisions.
+
+    `hits(value)` says which value sets a concept belongs to, with the same precedence as `ValueSet.match_slow`
+    (an excluded code rules the set out; a code match beats a text match), and caches the answer on the value.
+    """
+
+    def __init__(self, valuesets: dict[str, ValueSet]) -> None:
+        self._sets = list(valuesets.values())
+        self._codes: dict[tuple[str, str], list[str]] = {}
+        self._excluded: dict[tuple[str, str], list[str]] = {}
+        self._prefixes: dict[tuple[str, str], list[str]] = {}
+        self._excluded_prefixes: dict[tuple[str, str], list[str]] = {}
+        self._lengths: dict[str, set[int]] = {}
+        for vs in self._sets:
+            vs.index = self
+            for key in vs.codes:
+                self._codes.setdefault(key, []).append(vs.id)
+            for key in vs.excluded:
+                k = (key[0], icd_key(key[1]) if key[0] == ICD10CM else key[1])
+                self._excluded.setdefault(k, []).append(vs.id)
+            for table, target in ((vs.prefixes, self._prefixes), (vs.excluded_prefixes, self._excluded_prefixes)):
+                for system, prefixes in table.items():
+                    for prefix in prefixes:
+                        target.setdefault((system, prefix), []).append(vs.id)
+                        self._lengths.setdefault(system, set()).add(len(prefix))
+        self._text_memo: dict[str, tuple[str, ...]] = {}
+
+    def _text_sets(self, text: str) -> tuple[str, ...]:
+        found = self._text_memo.get(text)
+        if found is None:
+            if len(self._text_memo) >= MEMO_LIMIT:
+                self._text_memo.clear()
+            found = self._text_memo[text] = tuple(vs.id for vs in self._sets if vs.text.search(text))
+        return found
+
+    def hits(self, value: Coded) -> dict[str, Match]:
+        cached = value.hits
+        if cached is not None:
+            return cached
+        hits: dict[str, Match] = {}
+        excluded: set[str] = set()
+        for c in value.codings:
+            if not c.code:
+                continue
+            code = icd_key(c.code) if c.system == ICD10CM else c.code
+            for vs_id in self._excluded.get((c.system, code), ()):
+                excluded.add(vs_id)
+            found = list(self._codes.get((c.system, code), ()))
+            for length in self._lengths.get(c.system, ()):
+                if len(code) >= length:
+                    found.extend(self._prefixes.get((c.system, code[:length]), ()))
+                    excluded.update(self._excluded_prefixes.get((c.system, code[:length]), ()))
+            for vs_id in found:
+                if vs_id not in hits:
+                    hits[vs_id] = Match("code", code_label(c))
+        for text in value.all_texts():
+            for vs_id in self._text_sets(text):
+                if vs_id not in hits:
+                    hits[vs_id] = Match("text", text)
+        for vs_id in excluded:
+            hits.pop(vs_id, None)
+        if FAMILY_HISTORY in hits:  # about a relative: matches nothing else
+            hits = {FAMILY_HISTORY: hits[FAMILY_HISTORY]}
+        value.hits = hits
+        return hits
 
 
 def _system_label(system: str) -> str:

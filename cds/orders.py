@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRequest
-from .fhirjson import Coded, coded, fold, ref_key, reference
+from .fhirjson import Coded, coded, ref_key, reference
 from .knowledge import KnowledgeBase, Match, Orderable
 from .record import medication_code
 
@@ -31,14 +31,29 @@ class Order:
     explicit_ingredients: bool = False
 
 
-def draft_resources(draft_orders: Any) -> dict[str, dict[str, Any]]:
-    """`Type/id` -> resource for every entry of the draftOrders Bundle (a missing Bundle.type is fine)."""
+@dataclass(slots=True)
+class DraftOrders:
+    """The draftOrders Bundle: `Type/id` -> resource, and the entries' fullUrls (urn:uuid, absolute) -> `Type/id`."""
+
+    resources: dict[str, dict[str, Any]]
+    aliases: dict[str, str]
+
+    def resolve(self, ref: str) -> str | None:
+        """The draft order a reference points at (relative, absolute, versioned or a fullUrl), if any."""
+        if ref in self.aliases:
+            return self.aliases[ref]
+        key = ref_key(ref)
+        return key if key in self.resources else None
+
+
+def draft_resources(draft_orders: Any) -> DraftOrders:
+    """Index the draftOrders Bundle (a missing Bundle.type is fine, as the sandbox and hook examples send it)."""
     if not isinstance(draft_orders, dict) or draft_orders.get("resourceType") != "Bundle":
         raise InvalidRequest("context.draftOrders must be a FHIR Bundle", expression="context.draftOrders")
     entries = draft_orders.get("entry") or []
     if not isinstance(entries, list):
         raise InvalidRequest("context.draftOrders.entry must be an array", expression="context.draftOrders.entry")
-    out: dict[str, dict[str, Any]] = {}
+    drafts = DraftOrders({}, {})
     for i, entry in enumerate(entries):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
@@ -46,18 +61,20 @@ def draft_resources(draft_orders: Any) -> dict[str, dict[str, Any]]:
                                  expression=f"context.draftOrders.entry[{i}]")
         rid = resource.get("id")
         key = f"{resource['resourceType']}/{rid}" if isinstance(rid, str) and rid else f"#entry{i}"
-        out[key] = resource
-    return out
+        drafts.resources[key] = resource
+        if isinstance(entry.get("fullUrl"), str):
+            drafts.aliases[entry["fullUrl"]] = key
+    return drafts
 
 
-def evaluated_orders(hook: str, drafts: dict[str, dict[str, Any]], selections: list[str] | None) -> list[str]:
+def evaluated_orders(hook: str, drafts: DraftOrders, selections: list[str] | None) -> list[str]:
     """order-select: only the selected orders; order-sign: all draft orders."""
     if hook != "order-select":
-        return list(drafts)
+        return list(drafts.resources)
     chosen: list[str] = []
     for i, sel in enumerate(selections or []):
-        key = ref_key(sel)
-        if key not in drafts:
+        key = drafts.resolve(sel)
+        if key is None:
             raise InvalidRequest(f"selection {sel!r} is not an entry of draftOrders",
                                  expression=f"context.selections[{i}]")
         chosen.append(key)
@@ -87,20 +104,21 @@ def _notes(resource: dict[str, Any]) -> list[str]:
     return [n["text"] for n in resource.get("note") or [] if isinstance(n, dict) and isinstance(n.get("text"), str)]
 
 
-def find_mesotherapy(kb: KnowledgeBase, hook: str, drafts: dict[str, dict[str, Any]],
+def find_mesotherapy(kb: KnowledgeBase, hook: str, drafts: DraftOrders,
                      selections: list[str] | None) -> list[Order]:
     keys = evaluated_orders(hook, drafts, selections)
+    selected = set(keys) if hook == "order-select" else set()
     orders: list[Order] = []
     for key in keys:
-        resource = drafts[key]
+        resource = drafts.resources[key]
         concepts = order_concepts(resource)
         hit = _mesotherapy_match(kb, concepts)
         if hit is None:
             continue
         match, orderable = hit
-        order = Order(ref=key, label=concepts.label, matched=match, sites=_order_sites(kb, resource, concepts,
-                                                                                         orderable, drafts))
-        _ingredients(kb, order, resource, concepts, orderable, drafts, set(keys))
+        order = Order(ref=key, label=concepts.label, matched=match,
+                      sites=_order_sites(kb, resource, concepts, orderable))
+        _ingredients(kb, order, resource, concepts, orderable, drafts, selected)
         orders.append(order)
     return orders
 
@@ -116,40 +134,42 @@ def _mesotherapy_match(kb: KnowledgeBase, concepts: Coded) -> tuple[Match, Order
             if extra.system == c.system and extra.code == c.code:
                 return Match("code", f"{c.system}|{c.code} {c.display}".strip()), None
     for text in concepts.all_texts():
-        if kb.orderable_exclude is not None and kb.orderable_exclude.search(fold(text)):
-            continue
         found = kb.orderable_text.search(text)
         if found:
             return Match("text", found), None
     return None
 
 
-def _linked_medications(resource: dict[str, Any], key: str, drafts: dict[str, dict[str, Any]],
+def _links(resource: dict[str, Any], drafts: DraftOrders, *fields: str) -> set[str]:
+    return {key for f in fields for item in resource.get(f) or []
+            if (r := reference(item)) and (key := drafts.resolve(r)) is not None}
+
+
+def _linked_medications(resource: dict[str, Any], key: str, drafts: DraftOrders,
                         selected: set[str]) -> list[tuple[str, dict[str, Any]]]:
-    """Draft MedicationRequests that belong to this order: basedOn/supportingInfo links either way, the
-    same requisition or groupIdentifier, or selected together with it."""
-    own_links = {ref_key(r) for k in ("basedOn", "supportingInfo", "replaces")
-                 for item in resource.get(k) or [] if (r := reference(item))}
+    """Draft MedicationRequests that belong to this order: basedOn/supportingInfo links either way, the same
+    requisition or groupIdentifier, or (order-select) selected together with it and linked to nothing else."""
+    own_links = _links(resource, drafts, "basedOn", "supportingInfo", "replaces")
 
     def ident(res: dict[str, Any], k: str) -> tuple[Any, Any] | None:
         v = res.get(k)
         return (v.get("system"), v.get("value")) if isinstance(v, dict) and v.get("value") else None
 
     found = []
-    for other_key, other in drafts.items():
+    for other_key, other in drafts.resources.items():
         if other_key == key or other.get("resourceType") not in ("MedicationRequest", "MedicationOrder"):
             continue
-        their_links = {ref_key(r) for item in other.get("basedOn") or [] if (r := reference(item))}
+        their_links = _links(other, drafts, "basedOn")
         same_group = any(ident(resource, k) and ident(resource, k) == ident(other, k)
                          for k in ("requisition", "groupIdentifier"))
-        if (other_key in own_links or key in their_links or same_group
-                or (key in selected and other_key in selected and len(selected) > 1)):
+        chosen_together = key in selected and other_key in selected and not their_links
+        if other_key in own_links or key in their_links or same_group or chosen_together:
             found.append((other_key, other))
     return found
 
 
 def _ingredients(kb: KnowledgeBase, order: Order, resource: dict[str, Any], concepts: Coded,
-                 orderable: Orderable | None, drafts: dict[str, dict[str, Any]], selected: set[str]) -> None:
+                 orderable: Orderable | None, drafts: DraftOrders, selected: set[str]) -> None:
     seen: set[str] = set()
 
     def add(ids: set[str], source: str) -> None:
@@ -181,8 +201,8 @@ def ingredients_in(kb: KnowledgeBase, value: Coded) -> set[str]:
     return found
 
 
-def _order_sites(kb: KnowledgeBase, resource: dict[str, Any], concepts: Coded, orderable: Orderable | None,
-                 drafts: dict[str, dict[str, Any]]) -> set[str]:
+def _order_sites(kb: KnowledgeBase, resource: dict[str, Any], concepts: Coded,
+                 orderable: Orderable | None) -> set[str]:
     body = coded(resource.get("bodySite"))
     for dosage in resource.get("dosageInstruction") or []:
         if isinstance(dosage, dict):

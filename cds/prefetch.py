@@ -85,14 +85,17 @@ async def gather(request: dict[str, Any], settings: Settings, http: httpx.AsyncC
             data[t.key] = []
         elif value is ABSENT or error_outcome(value) or not isinstance(value, dict):
             if isinstance(client, str):
-                unavailable[t.key] = client
+                sent = ("the EHR sent no prefetch for it" if value is ABSENT else
+                        "the EHR's prefetch for it was an error" if error_outcome(value) else
+                        "the EHR's prefetch for it was not a FHIR resource")
+                unavailable[t.key] = f"{sent}, and {client}"
             else:
                 jobs[t.key] = _fetch(client, render(t.query, context))
         elif value.get("resourceType") == "Bundle":
             data[t.key] = entries(value)
             if next_link(value) is not None:
                 if isinstance(client, str):
-                    unavailable[t.key] = "prefetch was paginated and the remaining pages could not be fetched"
+                    unavailable[t.key] = f"the prefetch was paginated, and {client} for the remaining pages"
                 else:
                     jobs[t.key] = _complete(client, value)
         else:
@@ -116,12 +119,12 @@ def _client(request: dict[str, Any], settings: Settings, http: httpx.AsyncClient
     auth = request.get("fhirAuthorization")
     token = auth.get("access_token") if isinstance(auth, dict) else None
     if not isinstance(server, str):
-        return "the EHR sent no prefetch for it and no FHIR server to read it from"
+        return "it gave no FHIR server to read it from"
     if not server_allowed(server, settings.allowed_fhir_servers, settings.loopback_fhir_allowed):
         log.warning("fhirServer not on the allow-list; not contacted", extra={"fhir_origin": _origin_text(server)})
-        return "the EHR's FHIR server is not on this service's allow-list"
+        return "its FHIR server is not on this service's allow-list"
     if not token and not settings.anonymous_fhir_allowed:
-        return "the EHR gave no access token for its FHIR server"
+        return "it gave no access token for its FHIR server"
     return FhirClient(http, server, token, settings.fhir_timeout_s, settings.fhir_max_pages)
 
 

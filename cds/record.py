@@ -6,10 +6,12 @@ status) happens here, once; rules only ask "current" or "ever".
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from .fhirjson import Coded, choice, choice_date, coded, parse_date, parse_instant, ref_key, status_code
@@ -218,7 +220,9 @@ def medication_code(raw: dict[str, Any], medications: dict[str, dict[str, Any]] 
         med = med.merged(coded(r5))
     for key in ("medicationReference", "medication"):
         ref = raw.get(key)
-        if isinstance(ref, dict) and "reference" in ref:
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), dict):  # R5 CodeableReference.reference
+            ref = ref["reference"]
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
             contained = contained_resource(raw, ref)
             if contained is None and medications:
                 contained = medications.get(ref_key(str(ref["reference"])))
@@ -242,8 +246,29 @@ def contained_resource(raw: dict[str, Any], ref: dict[str, Any]) -> dict[str, An
     return None
 
 
+_VALIDATED: dict[bytes, str | None] = {}  # content hash -> problem; a record is sent again at every hook call
+_VALIDATED_LIMIT = 20_000
+
+
 def validate_evidence(raw: dict[str, Any]) -> str | None:
-    """Validate one evidence resource against R4 (R4B models), then R5; the problem, if neither accepts it."""
+    """Validate one evidence resource against R4 (R4B models), then R5; the problem, if neither accepts it.
+
+    Full validation costs ~0.5 ms a resource, so the outcome is remembered by a hash of the resource's content:
+    the same record comes back at order-select, again as orders are edited, and at order-sign.
+    """
+    try:
+        key = hashlib.blake2b(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+    except TypeError:
+        return "the resource is not plain JSON"
+    if key in _VALIDATED:
+        return _VALIDATED[key]
+    if len(_VALIDATED) >= _VALIDATED_LIMIT:
+        _VALIDATED.clear()
+    problem = _VALIDATED[key] = _validate(raw)
+    return problem
+
+
+def _validate(raw: dict[str, Any]) -> str | None:
     from fhir.resources import get_fhir_model_class as r5_model
     from fhir.resources.R4B import get_fhir_model_class as r4_model
 

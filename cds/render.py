@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
-import copy
 import re
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from .knowledge import KnowledgeBase
 from .orders import Order
@@ -39,7 +40,7 @@ def card(finding: Finding, orders: list[Order], kb: KnowledgeBase, base_url: str
     for s in rule.suggestions:
         entry: dict[str, Any] = {"label": s.label, "uuid": new_uuid()}
         if s.create is not None:
-            resource = copy.deepcopy(s.create.resource)
+            resource = orjson.loads(orjson.dumps(s.create.resource))  # a fresh copy, ~20x cheaper than deepcopy
             resource["subject"] = {"reference": f"Patient/{patient_id}"}
             entry["actions"] = [{"type": "create", "description": s.create.description, "resource": resource}]
         suggestions.append(entry)

@@ -63,6 +63,17 @@ class Evaluation:
     today: date
     settings: Settings
     findings: dict[str, Finding] = field(default_factory=dict)
+    _by_set: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+
+    def members(self, kind: str, vs_id: str) -> list[Any]:
+        """Facts of one kind (conditions, observations, medications) in a value set, indexed on first use."""
+        index = self._by_set.get(kind)
+        if index is None:
+            index = self._by_set[kind] = {}
+            for fact in getattr(self.record, kind):
+                for hit in self.kb.index.hits(fact.code):
+                    index.setdefault(hit, []).append(fact)
+        return index.get(vs_id, [])
 
     def run(self) -> list[Finding]:
         for rule in self.kb.rules:
@@ -114,7 +125,7 @@ class Evaluation:
         vs = self.kb.vs(spec.in_)
         not_in = [self.kb.vs(n) for n in spec.not_in]
         found = []
-        for fact in self.record.conditions:
+        for fact in self.members("conditions", spec.in_):
             if not spec.history and not fact.is_current(self.today):
                 continue
             match = vs.match(fact.code)
@@ -166,7 +177,7 @@ class Evaluation:
     def _latest(self, spec_code: str, max_age_days: int) -> ObservationFact | None:
         """The latest Observation of this code, if it is recent enough to be used."""
         vs = self.kb.vs(spec_code)
-        candidates = [o for o in self.record.observations if vs.match(o.code)]
+        candidates = self.members("observations", vs.id)
         if not candidates:
             return None
         latest = max(candidates, key=lambda o: (o.when is not None, o.when))
@@ -193,7 +204,7 @@ class Evaluation:
     def _medications(self, rule: Rule, leaf: MedicationLeaf) -> list[Evidence]:
         vs = self.kb.vs(leaf.medication.in_)
         found = []
-        for fact in self.record.medications:
+        for fact in self.members("medications", vs.id):
             if fact.ref in self.record.draft_ids:
                 continue  # the orders being signed are not the patient's current medication
             match = vs.match(fact.code)
@@ -258,13 +269,13 @@ class Evaluation:
         cutoff = _months_before(self.today, months)
         found = []
         lactation = kb.vs(spec.conditions)
-        for fact in self.record.conditions:
-            if fact.abatement and cutoff < fact.abatement <= self.today and lactation.match(fact.code):
+        for fact in self.members("conditions", lactation.id):
+            if fact.abatement and cutoff < fact.abatement <= self.today:
                 found.append(Evidence(fact.ref, fact.code.label, f"breastfeeding ended {fact.abatement}",
                                       fact.status_text, fact.abatement, "warning",
                                       [f"ended less than {months} months ago"], fact.raw))
         status_vs, yes, no = kb.vs(spec.observation), kb.vs(spec.feeding_answers), kb.vs(spec.weaned_answers)
-        series = sorted((o for o in self.record.observations if o.when and status_vs.match(o.code)),
+        series = sorted((o for o in self.members("observations", status_vs.id) if o.when),
                         key=lambda o: o.when)  # type: ignore[arg-type, return-value]
         last_yes = None
         for i, obs in enumerate(series):
@@ -292,10 +303,9 @@ class Evaluation:
         if age is not None and not s.childbearing_age_min <= age <= s.childbearing_age_max:
             return []
         window = self.today - timedelta(days=s.pregnancy_status_max_age_days)
-        pregnancy = self.kb.vs(spec.conditions)
-        for fact in self.record.conditions:
+        for fact in self.members("conditions", spec.conditions):
             latest = max((d for d in (fact.abatement, fact.recorded, fact.onset) if d), default=None)
-            if pregnancy.match(fact.code) and (fact.is_current(self.today) or (latest and latest >= window)):
+            if fact.is_current(self.today) or (latest and latest >= window):
                 return []
         if self._latest(spec.observation, s.pregnancy_status_max_age_days) is not None:
             return []

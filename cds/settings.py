@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     public_base_url: str | None = None
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    access_log: bool = False  # uvicorn's per-request access line; hook calls are logged by the service anyway
 
     # Trusting CDS clients (issue 4)
     require_jwt: bool | None = None  # default: True, except in dev

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import re
@@ -94,31 +95,29 @@ def fhir_server() -> Iterator[FhirServer]:
         yield fs
 
 
-_RELATIVE = re.compile(r"\$\{today(?:([+-])(\d+)([dwmy]))?\}")
+_RELATIVE = re.compile(r"\$\{today((?:[+-]\d+[dwmy])*)\}")
 
 
-def _shift(today: date, sign: str, n: int, unit: str) -> date:
-    n = n if sign == "+" else -n
+def _shift(day: date, n: int, unit: str) -> date:
     if unit == "d":
-        return today + timedelta(days=n)
+        return day + timedelta(days=n)
     if unit == "w":
-        return today + timedelta(weeks=n)
-    months = n * (12 if unit == "y" else 1)
-    year, month = divmod(today.month - 1 + months, 12)
-    for day in (today.day, 30, 29, 28):
-        try:
-            return date(today.year + year, month + 1, day)
-        except ValueError:
-            continue
-    raise ValueError(today)
+        return day + timedelta(weeks=n)
+    year, month = divmod(day.month - 1 + n * (12 if unit == "y" else 1), 12)
+    year, month = day.year + year, month + 1
+    return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
 
 
 def with_dates(value: Any, today: date | None = None) -> Any:
-    """Replace `${today}`, `${today-30d}`, `${today+2w}`, `${today-7m}`, `${today-3y}` with ISO dates."""
+    """Replace `${today}`, `${today-30d}`, `${today+2w}`, `${today-7m}`, `${today-12y+1d}` with ISO dates."""
     today = today or date.today()
     if isinstance(value, str):
-        return _RELATIVE.sub(lambda m: (_shift(today, m.group(1), int(m.group(2)), m.group(3)) if m.group(1)
-                                        else today).isoformat(), value)
+        def resolve(m: re.Match[str]) -> str:
+            day = today
+            for sign, n, unit in re.findall(r"([+-])(\d+)([dwmy])", m.group(1)):
+                day = _shift(day, int(n) if sign == "+" else -int(n), unit)
+            return day.isoformat()
+        return _RELATIVE.sub(resolve, value)
     if isinstance(value, list):
         return [with_dates(v, today) for v in value]
     if isinstance(value, dict):

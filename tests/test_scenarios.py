@@ -29,12 +29,19 @@ def test_corpus_is_large_enough() -> None:
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 def test_scenario(path: Path, client: httpx.Client) -> None:
-    scenario = json.loads(path.read_text(encoding="utf-8"))
-    request = with_dates(scenario["request"])
-    response = client.post("/cds-services/mesotherapy-contraindications", json=request)
+    scenario = with_dates(json.loads(path.read_text(encoding="utf-8")))
+    url = scenario.get("path", "/cds-services/mesotherapy-contraindications")
+    if "raw_body" in scenario:
+        response = client.post(url, content=scenario["raw_body"].encode(), headers={"Content-Type": "application/json"})
+    else:
+        response = client.post(url, json=scenario["request"])
     expect = scenario["expect"]
     assert response.status_code == expect["status"], response.text
     if expect["status"] != 200:
         assert response.json()["resourceType"] == "OperationOutcome"
         return
-    assert topics(response) == expect["cards"], json.dumps(response.json(), indent=1)[:3000]
+    if expect["cards"] is None:  # only "answers 200 without crashing" is specified
+        assert isinstance(response.json()["cards"], list)
+        return
+    acceptable = [expect["cards"], *expect.get("alternatives", [])]
+    assert topics(response) in acceptable, json.dumps(response.json(), indent=1)[:3000]
