@@ -81,6 +81,7 @@ class KnowledgeBase:
     negation: TextFile
     index: MatchIndex
     by_id: dict[str, Rule] = field(default_factory=dict)
+    ingredient_memo: dict[tuple[Any, ...], frozenset[str]] = field(default_factory=dict)
 
     def vs(self, name: str) -> ValueSet:
         return self.valuesets[name]

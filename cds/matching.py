@@ -165,6 +165,7 @@ class MatchIndex:
                         target.setdefault((system, prefix), []).append(vs.id)
                         self._lengths.setdefault(system, set()).add(len(prefix))
         self._text_memo: dict[str, tuple[str, ...]] = {}
+        self._memo: dict[tuple[Any, ...], dict[str, Match]] = {}
 
     def _text_sets(self, text: str) -> tuple[str, ...]:
         found = self._text_memo.get(text)
@@ -178,6 +179,16 @@ class MatchIndex:
         cached = value.hits
         if cached is not None:
             return cached
+        key = (value.codings, value.texts)  # the same concept recurs across charts: classify it once
+        cached = self._memo.get(key)
+        if cached is None:
+            if len(self._memo) >= MEMO_LIMIT:
+                self._memo.clear()
+            cached = self._memo[key] = self._classify(value)
+        value.hits = cached
+        return cached
+
+    def _classify(self, value: Coded) -> dict[str, Match]:
         hits: dict[str, Match] = {}
         excluded: set[str] = set()
         for c in value.codings:
@@ -202,7 +213,6 @@ class MatchIndex:
             hits.pop(vs_id, None)
         if FAMILY_HISTORY in hits:  # about a relative: matches nothing else
             hits = {FAMILY_HISTORY: hits[FAMILY_HISTORY]}
-        value.hits = hits
         return hits
 
 

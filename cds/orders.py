@@ -191,14 +191,20 @@ def _ingredients(kb: KnowledgeBase, order: Order, resource: dict[str, Any], conc
 
 
 def ingredients_in(kb: KnowledgeBase, value: Coded) -> set[str]:
-    """Ingredient ids named by code or by a synonym in a medication concept or free text."""
-    found = {kb.ingredient_codes[(c.system, c.code)] for c in value.codings
-             if (c.system, c.code) in kb.ingredient_codes}
-    texts = value.all_texts()
-    for ing_id, matcher in kb.ingredient_text:
-        if ing_id not in found and any(matcher.search(t) for t in texts):
-            found.add(ing_id)
-    return found
+    """Ingredient ids named by code or by a synonym in a medication concept or free text (memoised per concept)."""
+    key = (value.codings, value.texts)
+    found = kb.ingredient_memo.get(key)
+    if found is None:
+        found = {kb.ingredient_codes[(c.system, c.code)] for c in value.codings
+                 if (c.system, c.code) in kb.ingredient_codes}
+        texts = value.all_texts()
+        for ing_id, matcher in kb.ingredient_text:
+            if ing_id not in found and any(matcher.search(t) for t in texts):
+                found.add(ing_id)
+        if len(kb.ingredient_memo) >= 50_000:
+            kb.ingredient_memo.clear()
+        kb.ingredient_memo[key] = found = frozenset(found)
+    return set(found)
 
 
 def _order_sites(kb: KnowledgeBase, resource: dict[str, Any], concepts: Coded,

@@ -17,6 +17,7 @@ from .errors import DataUnavailable
 from .fhir import FhirClient, FhirError, entries, error_outcome, next_link, server_allowed
 from .record import (
     PatientRecord,
+    Relevant,
     read_allergy,
     read_condition,
     read_medication,
@@ -170,8 +171,13 @@ async def _run_all(jobs: dict[str, Any], deadline_s: float) -> dict[str, Any]:
     return results
 
 
-def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str]) -> PatientRecord:
-    """Read the gathered resources into facts; 412 when the Patient itself could not be obtained."""
+def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str],
+                 relevant: Relevant | None = None) -> PatientRecord:
+    """Read the gathered resources into facts; 412 when the Patient itself could not be obtained.
+
+    With `relevant`, Conditions, Observations and medications whose code no rule looks at are skipped after
+    reading only their code (allergies are always read: every allergy counts).
+    """
     patients = [r for r in gathered.data.get("patient", []) if r.get("resourceType") == "Patient"]
     if not patients:
         why = gathered.unavailable.get("patient", "the EHR sent no data for the patient")
@@ -200,7 +206,12 @@ def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str]) -> Pa
                 continue
             seen.add(ident)
             reader, target = readers[rtype]
-            fact = reader(raw, medications) if reader is read_medication else reader(raw)  # type: ignore[operator]
+            if reader is read_medication:
+                fact = read_medication(raw, relevant, medications)
+            elif reader is read_allergy:
+                fact = read_allergy(raw)
+            else:
+                fact = reader(raw, relevant)  # type: ignore[operator]
             if fact is not None:
                 target.append(fact)  # type: ignore[attr-defined]
     return record

@@ -7,6 +7,7 @@ status) happens here, once; rules only ask "current" or "ever".
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -122,7 +123,13 @@ def _base(raw: dict[str, Any], code: Coded) -> dict[str, Any]:
             "raw": raw}
 
 
-def read_condition(raw: dict[str, Any]) -> Fact | None:
+Relevant = Callable[[Coded], bool]  # does any rule care about this concept? (skips reading the rest)
+
+
+def read_condition(raw: dict[str, Any], relevant: Relevant | None = None) -> Fact | None:
+    code = coded(raw.get("code"))
+    if relevant is not None and not relevant(code):
+        return None
     verification = status_code(raw.get("verificationStatus"))
     if verification in EXCLUDED_VERIFICATION:
         return None
@@ -130,7 +137,7 @@ def read_condition(raw: dict[str, Any]) -> Fact | None:
     if abated and choice(raw, "abatement") == ("Boolean", False):  # STU3 abatementBoolean false
         abated = False
     return Fact(
-        **_base(raw, coded(raw.get("code"))),
+        **_base(raw, code),
         clinical=status_code(raw.get("clinicalStatus")),
         verification=verification,
         onset=choice_date(raw, "onset")[1],
@@ -164,9 +171,12 @@ def read_allergy(raw: dict[str, Any]) -> AllergyFact | None:
     )
 
 
-def read_observation(raw: dict[str, Any]) -> ObservationFact | None:
+def read_observation(raw: dict[str, Any], relevant: Relevant | None = None) -> ObservationFact | None:
     status = raw.get("status")
     if status not in COUNTED_OBSERVATION:
+        return None
+    code = coded(raw.get("code"))
+    if relevant is not None and not relevant(code):
         return None
     effective = choice(raw, "effective")
     when = None
@@ -186,13 +196,14 @@ def read_observation(raw: dict[str, Any]) -> ObservationFact | None:
         elif kind in ("CodeableConcept", "String", "Coding"):
             value = coded(v)
     return ObservationFact(
-        **_base(raw, coded(raw.get("code"))),
+        **_base(raw, code),
         when=when, status=status, value=value, value_boolean=value_boolean,
         onset=when.date() if when else None,
     )
 
 
-def read_medication(raw: dict[str, Any], medications: dict[str, dict[str, Any]] | None = None) -> Fact | None:
+def read_medication(raw: dict[str, Any], relevant: Relevant | None = None,
+                    medications: dict[str, dict[str, Any]] | None = None) -> Fact | None:
     """MedicationRequest / MedicationStatement (and DSTU2 MedicationOrder) the patient is taking now.
 
     `medications` maps `Medication/id` to Medication resources that came in the same Bundles (`_include`).
@@ -208,7 +219,10 @@ def read_medication(raw: dict[str, Any], medications: dict[str, dict[str, Any]] 
             return None
     elif status not in COUNTED_REQUEST or raw.get("doNotPerform") is True:
         return None
-    return Fact(**_base(raw, medication_code(raw, medications)), clinical=status)
+    code = medication_code(raw, medications)
+    if relevant is not None and not relevant(code):
+        return None
+    return Fact(**_base(raw, code), clinical=status)
 
 
 def medication_code(raw: dict[str, Any], medications: dict[str, dict[str, Any]] | None = None) -> Coded:

@@ -12,6 +12,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from conftest import load_fixture
+from test_scenarios import assert_no_empty_values
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 RESTRICTED_QUERY = re.compile(r"^[A-Z][A-Za-z]+(/\{\{context\.\w+\}\}|\?[\w\-:.]+=[^&]+(&[\w\-:.]+=[^&]+)*)$")
@@ -19,17 +20,6 @@ RESTRICTED_QUERY = re.compile(r"^[A-Z][A-Za-z]+(/\{\{context\.\w+\}\}|\?[\w\-:.]
 
 def scenario_request(name: str) -> dict[str, Any]:
     return load_fixture(f"scenarios/{name}.json")["request"]
-
-
-def assert_no_empty_values(value: Any, path: str = "$") -> None:
-    """CDS Hooks "Use of JSON": no null, "", [] or {} anywhere (the response's own `cards: []` aside)."""
-    assert value not in (None, "", [], {}), f"empty value at {path}"
-    if isinstance(value, dict):
-        for k, v in value.items():
-            assert_no_empty_values(v, f"{path}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            assert_no_empty_values(v, f"{path}[{i}]")
 
 
 def assert_valid_card(card: dict[str, Any], draft_refs: set[str]) -> None:

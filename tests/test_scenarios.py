@@ -13,6 +13,17 @@ from conftest import FIXTURES, with_dates
 SCENARIOS = sorted((FIXTURES / "scenarios").glob("*.json"))
 
 
+def assert_no_empty_values(value: object, path: str = "$") -> None:
+    """CDS Hooks "Use of JSON": no null, "", [] or {} anywhere (the response's own `cards: []` aside)."""
+    assert value not in (None, "", [], {}), f"empty value at {path}"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert_no_empty_values(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            assert_no_empty_values(v, f"{path}[{i}]")
+
+
 def topics(response: httpx.Response) -> dict[str, str]:
     cards = response.json()["cards"]
     found: dict[str, str] = {}
@@ -40,6 +51,8 @@ def test_scenario(path: Path, client: httpx.Client) -> None:
     if expect["status"] != 200:
         assert response.json()["resourceType"] == "OperationOutcome"
         return
+    for card in response.json()["cards"]:
+        assert_no_empty_values(card)
     if expect["cards"] is None:  # only "answers 200 without crashing" is specified
         assert isinstance(response.json()["cards"], list)
         return
