@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import aiohttp
 import httpx
 import orjson
 from fastapi import Depends, FastAPI, Request
@@ -109,9 +110,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _warm_up()
         store = await _open_store(settings)
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-        async with httpx.AsyncClient(follow_redirects=False, limits=limits) as http:
-            app.state.http = http
+        connector = aiohttp.TCPConnector(limit=512, limit_per_host=128, keepalive_timeout=30)
+        async with httpx.AsyncClient(follow_redirects=False) as http, \
+                aiohttp.ClientSession(connector=connector, raise_for_status=False, trust_env=False) as fhir_http:
+            app.state.http = http  # JWKS fetches
+            app.state.fhir_http = fhir_http
             app.state.store = store
             app.state.verifier = ClientVerifier(settings, http, replay=store) if settings.jwt_required else None
             app.state.audit = AuditWriter(store)
@@ -169,7 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await client_claims(request)  # a plain call: FastAPI's dependency machinery costs more than the check
         started = time.perf_counter()
         body = validate_request(await read_json(request, settings.max_body_bytes))
-        cards, patient = await screen(body, request.app.state.http, base_url(request))
+        cards, patient = await screen(body, request.app.state.fhir_http, base_url(request))
         elapsed = time.perf_counter() - started
         latency[body["hook"]].observe(elapsed)
         for c in cards:
@@ -180,7 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                          "patient": patient, "cards": len(cards), "ms": round(elapsed * 1000, 1)})
         return FhirJSON({"cards": cards})  # render.card never emits null or empty values (tests check every response)
 
-    async def screen(body: dict[str, Any], http: httpx.AsyncClient, base: str) -> tuple[list[dict[str, Any]], str]:
+    async def screen(body: dict[str, Any], http: aiohttp.ClientSession, base: str) -> tuple[list[dict[str, Any]], str]:
         context = body["context"]
         patient = pseudonym(context["patientId"], patient_key)
         drafts = draft_resources(context["draftOrders"])

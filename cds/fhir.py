@@ -10,8 +10,9 @@ import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import orjson
+import yarl
 
 FHIR_JSON = "application/fhir+json"
 
@@ -55,9 +56,13 @@ def server_allowed(url: str, allowed: list[str], loopback_ok: bool) -> bool:
 
 
 class FhirClient:
-    """Async FHIR reads for one hook request."""
+    """Async FHIR reads for one hook request, over the service's shared aiohttp session.
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, token: str | None, timeout_s: float,
+    aiohttp rather than httpx here: with a hundred pooled connections (16 hook calls x 7 queries) httpcore scans
+    its whole pool on every request, which measured at ~2.4 ms of CPU per FHIR read; aiohttp costs a fraction.
+    """
+
+    def __init__(self, http: aiohttp.ClientSession, base_url: str, token: str | None, timeout_s: float,
                  max_pages: int) -> None:
         self._http = http
         self.base_url = base_url.rstrip("/")
@@ -66,6 +71,7 @@ class FhirClient:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._timeout = timeout_s
+        self._client_timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_pages = max_pages
 
     def same_origin(self, url: str) -> bool:
@@ -73,21 +79,25 @@ class FhirClient:
 
     async def get(self, query: str) -> Any:
         """GET a relative query (`Patient/1`, `Condition?patient=1`) or a same-origin absolute URL."""
-        url = query if query.startswith(("http://", "https://")) else f"{self.base_url}/{query.lstrip('/')}"
+        link = query.startswith(("http://", "https://"))  # a server's own `next` link is already encoded
+        url = query if link else f"{self.base_url}/{query.lstrip('/')}"
         if not self.same_origin(url):
             raise FhirError("a link pointed outside the FHIR server, so it was not followed", "foreign_link")
         try:
-            response = await self._http.get(url, headers=self._headers, timeout=self._timeout)
-        except httpx.TimeoutException:
+            async with self._http.get(yarl.URL(url, encoded=link), headers=self._headers, allow_redirects=False,
+                                      timeout=self._client_timeout) as response:
+                status = response.status
+                content = await response.read()
+        except TimeoutError:
             raise FhirError(f"the FHIR server did not answer within {self._timeout:g} s", "timeout") from None
-        except httpx.HTTPError:
+        except (aiohttp.ClientError, ValueError):
             raise FhirError("the FHIR server could not be reached", "unreachable") from None
-        if response.status_code == 404 and "?" not in query:
+        if status == 404 and "?" not in query:
             return None
-        if response.status_code >= 400:
-            raise FhirError(f"the FHIR server answered HTTP {response.status_code}")
+        if status >= 400:
+            raise FhirError(f"the FHIR server answered HTTP {status}")
         try:
-            return orjson.loads(response.content)
+            return orjson.loads(content)
         except orjson.JSONDecodeError:
             raise FhirError("the FHIR server answered with something that is not JSON") from None
 

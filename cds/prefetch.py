@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from .errors import DataUnavailable
 from .fhir import FhirClient, FhirError, entries, error_outcome, next_link, server_allowed
@@ -72,7 +72,7 @@ class Gathered:
     errors: list[str]  # FhirError kinds, for the metrics
 
 
-async def gather(request: dict[str, Any], settings: Settings, http: httpx.AsyncClient) -> Gathered:
+async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSession) -> Gathered:
     """Every template's resources, fetching the ones prefetch did not supply, all under one deadline."""
     context = request["context"]
     prefetch = request.get("prefetch") or {}
@@ -114,7 +114,7 @@ async def gather(request: dict[str, Any], settings: Settings, http: httpx.AsyncC
     return Gathered(data, unavailable, set(jobs) - set(unavailable), errors)
 
 
-def _client(request: dict[str, Any], settings: Settings, http: httpx.AsyncClient) -> FhirClient | str:
+def _client(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSession) -> FhirClient | str:
     """A FHIR client for this request, or the reason why the service may not fetch anything."""
     server = request.get("fhirServer")
     auth = request.get("fhirAuthorization")
