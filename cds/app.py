@@ -152,7 +152,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unexpected error", extra={"path": request.url.path})
         return outcome_response(CDSError("internal error; the event was logged"))
 
-
     def base_url(request: Request) -> str:
         return (settings.public_base_url or str(request.base_url)).rstrip("/")
 
