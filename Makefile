@@ -25,7 +25,7 @@ install-test: $(VENV)/.installed-test
 	cd tests/fhir_server && (npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error)
 
 run: install
-	CDS_ENV=$${CDS_ENV:-dev} HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m cds
+	CDS_ENV=$${CDS_ENV:-dev} CDS_LOG_FORMAT=$${CDS_LOG_FORMAT:-text} HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m cds
 
 test: install-test
 	$(BIN)/python -m pytest
