@@ -7,6 +7,7 @@ import os
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from .errors import ConfigError, KnowledgeError
 from .logs import configure_logging
@@ -14,7 +15,12 @@ from .settings import get_settings
 
 
 def main() -> int:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"CDS_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"refusing to start: invalid settings: {problems}", file=sys.stderr)  # noqa: T201
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("cds")
     host = os.environ.get("HOST", "127.0.0.1")

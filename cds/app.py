@@ -22,7 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, metrics
 from .audit import AuditWriter
-from .errors import CDSError, ConfigError, InvalidRequest, NotAuthenticated, PayloadTooLarge, ServiceNotFound
+from .errors import (
+    CDSError,
+    ConfigError,
+    DataUnavailable,
+    InvalidRequest,
+    NotAuthenticated,
+    PayloadTooLarge,
+    ServiceNotFound,
+)
 from .feedback import parse_feedback
 from .hooks import SERVED_HOOKS, validate_request
 from .knowledge import KnowledgeBase, load_knowledge
@@ -30,7 +38,7 @@ from .orders import draft_resources, find_mesotherapy
 from .prefetch import TEMPLATES, build_record, gather
 from .render import card
 from .rules import evaluate
-from .security import ClientVerifier, check_production_settings, pseudonym, pseudonym_key
+from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym, pseudonym_key
 from .settings import Settings, get_settings
 from .store import IssuedCard, Store, StoreError, UnknownCard
 
@@ -44,15 +52,6 @@ class ServiceUnavailable(CDSError):
 
     status = 503
     issue_code = "transient"
-
-
-def clean(value: Any) -> Any:
-    """Drop None, empty strings, arrays and objects (CDS Hooks: never send them)."""
-    if isinstance(value, dict):
-        return {k: c for k, v in value.items() if (c := clean(v)) not in (None, "", [], {})}
-    if isinstance(value, list):
-        return [c for v in value if (c := clean(v)) not in (None, "", [], {})]
-    return value
 
 
 class FhirJSON(JSONResponse):
@@ -116,7 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.http = http  # JWKS fetches
             app.state.fhir_http = fhir_http
             app.state.store = store
-            app.state.verifier = ClientVerifier(settings, http, replay=store) if settings.jwt_required else None
+            replay = FallbackReplayCache(store, _replay_fallback)
+            app.state.verifier = ClientVerifier(settings, http, replay=replay) if settings.jwt_required else None
             app.state.audit = AuditWriter(store)
             app.state.audit.start()
             gc.collect()
@@ -166,12 +166,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/cds-services/{service_id}")
     async def call_service(service_id: str, request: Request) -> Response:
+        await client_claims(request)  # a plain call: FastAPI's dependency machinery costs more than the check
         if service_id != SERVICE_ID:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
-        await client_claims(request)  # a plain call: FastAPI's dependency machinery costs more than the check
         started = time.perf_counter()
         body = validate_request(await read_json(request, settings.max_body_bytes))
-        cards, patient = await screen(body, request.app.state.fhir_http, base_url(request))
+        try:
+            cards, patient = await screen(body, request.app.state.fhir_http, base_url(request))
+        except DataUnavailable as exc:
+            log.warning("hook refused: %s", exc.message, extra={"hookInstance": body["hookInstance"],
+                                                                 "hook": body["hook"], "status": 412})
+            metrics.REQUEST_LATENCY.labels(hook=body["hook"]).observe(time.perf_counter() - started)
+            raise
         elapsed = time.perf_counter() - started
         latency[body["hook"]].observe(elapsed)
         for c in cards:
@@ -196,6 +202,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             prefetch_counters[source].inc()
         for kind in gathered.errors:
             metrics.FHIR_ERRORS.labels(kind=kind).inc()
+        if gathered.unavailable:
+            log.warning("patient data not obtained", extra={"hookInstance": body["hookInstance"],
+                                                           "keys": sorted(gathered.unavailable),
+                                                           "errors": gathered.errors})
         record = build_record(gathered, context["patientId"], set(drafts.resources), relevant)
         findings = evaluate(kb, record, orders, datetime.now(UTC).date(), settings)
         return [card(f, orders, kb, base, record.patient.id) for f in findings], patient
@@ -217,10 +227,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await request.app.state.audit.flush()  # cards this worker issued a moment ago are stored first
             try:
-                await request.app.state.store.record_feedback(entries)
+                stored = await request.app.state.store.record_feedback(entries)
             except UnknownCard:  # possibly issued by another worker whose batch is still being written
                 await asyncio.sleep(AUDIT_GRACE_S)
-                await request.app.state.store.record_feedback(entries)
+                stored = await request.app.state.store.record_feedback(entries)
         except UnknownCard as exc:
             index = next(i for i, e in enumerate(entries) if e.card_uuid == exc.uuid)
             raise InvalidRequest(f"feedback[{index}].card {exc.uuid!r} is not a card this service issued",
@@ -229,7 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ServiceUnavailable("feedback could not be stored; retry later") from None
         for e in entries:
             metrics.FEEDBACK.labels(outcome=e.outcome).inc()
-        return Response(status_code=200)
+        return FhirJSON({"received": len(entries), "stored": stored})  # already-stored entries count once
 
     @app.get("/feedback/summary")
     async def feedback_summary(request: Request, claims: Client) -> Response:
@@ -237,7 +247,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             summary = await request.app.state.store.summary()
         except StoreError:
             raise ServiceUnavailable("the audit store is unavailable; retry later") from None
-        return FhirJSON(summary if not summary.get("rules") else clean(summary))
+        return FhirJSON(summary)  # not a CDS Hooks body: every rule keeps its override_reasons, even when empty
 
     @app.get("/knowledge", response_class=HTMLResponse)
     async def knowledge_index(request: Request) -> HTMLResponse:
@@ -278,6 +288,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(data, media_type=content_type)
 
     return app
+
+
+def _replay_fallback(exc: Exception) -> None:
+    metrics.STORE_ERRORS.labels(operation="claim_jti").inc()
+    log.warning("JWT replay cache: database unavailable (%s); using this process's memory", type(exc).__name__)
 
 
 async def _open_store(settings: Settings) -> Store:

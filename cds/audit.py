@@ -17,7 +17,7 @@ log = logging.getLogger("cds.audit")
 
 
 class AuditWriter:
-    def __init__(self, store: Store, *, interval_s: float = 0.1, batch_size: int = 500,
+    def __init__(self, store: Store, *, interval_s: float = 0.05, batch_size: int = 500,
                  max_pending: int = 100_000) -> None:
         self._store = store
         self._interval = interval_s
@@ -61,4 +61,4 @@ class AuditWriter:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(self._interval)  # let a batch gather
-            await self.flush()
+            await asyncio.shield(self.flush())  # a shutdown must not cancel a batch half written

@@ -13,6 +13,7 @@ from .errors import InvalidRequest
 
 SERVED_HOOKS = ("order-select", "order-sign")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _REFERENCE = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
 
 
@@ -68,10 +69,12 @@ def validate_request(body: Any) -> dict[str, Any]:
     patient = _require_str(context, "patientId", "context.")
     if patient.startswith("Patient/"):  # tolerate a reference where the spec asks for a bare id
         context["patientId"] = patient = patient.removeprefix("Patient/")
-    if "/" in patient:
-        raise InvalidRequest("context.patientId must be a Patient id", expression="context.patientId")
-    if "encounterId" in context and not isinstance(context["encounterId"], str):
-        raise InvalidRequest("context.encounterId must be a string", expression="context.encounterId")
+    if not _FHIR_ID.match(patient):  # it goes into FHIR queries: nothing but a FHIR id may pass
+        raise InvalidRequest("context.patientId must be a FHIR id ([A-Za-z0-9-.], at most 64 characters)",
+                             expression="context.patientId")
+    if "encounterId" in context and not (isinstance(context["encounterId"], str)
+                                         and _FHIR_ID.match(context["encounterId"])):
+        raise InvalidRequest("context.encounterId must be a FHIR id", expression="context.encounterId")
     if hook == "order-select":
         selections = context.get("selections")
         if selections is None:

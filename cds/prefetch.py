@@ -10,6 +10,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -57,10 +58,11 @@ ABSENT = object()
 
 
 def render(template: str, context: dict[str, Any]) -> str:
+    """Fill `{{context.x}}` tokens, URL-encoding each value (ids are validated too; this is the second guard)."""
     out = template
     for name, value in context.items():
         if isinstance(value, str):
-            out = out.replace("{{context." + name + "}}", value)
+            out = out.replace("{{context." + name + "}}", quote(value, safe=""))
     return out
 
 

@@ -194,6 +194,28 @@ class ReplayCache(Protocol):
         ...
 
 
+class FallbackReplayCache:
+    """The shared (database) replay cache, falling back to this process's memory while the database is down.
+
+    A store outage must not stop cards (issue 5), so during one a replay is still refused by this process but
+    no longer across replicas; every fallback is logged and counted.
+    """
+
+    def __init__(self, shared: ReplayCache, on_fallback: Callable[[Exception], None]) -> None:
+        self._shared = shared
+        self._local = MemoryReplayCache()
+        self._on_fallback = on_fallback
+
+    async def claim(self, key: str, expires_at: float) -> bool:
+        if not await self._local.claim(key, expires_at):
+            return False
+        try:
+            return await self._shared.claim(key, expires_at)
+        except Exception as exc:  # noqa: BLE001 - any store failure: keep serving with the local cache
+            self._on_fallback(exc)
+            return True
+
+
 class MemoryReplayCache:
     """In-process replay cache, for tests and a single worker."""
 
@@ -285,7 +307,8 @@ class ClientVerifier:
         if not isinstance(claims, dict):
             raise NotAuthenticated("JWT payload is not a JSON object")
         alg, kid = header.get("alg"), header.get("kid")
-        if header.get("typ") != "JWT":
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.upper() != "JWT":  # RFC 7519 5.1: compared case-insensitively
             raise NotAuthenticated(f"JWT header typ must be 'JWT', got {header.get('typ')!r}")
         if alg not in ALGORITHMS:
             raise NotAuthenticated(f"JWT alg {alg!r} is not accepted")

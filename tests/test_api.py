@@ -116,9 +116,13 @@ def test_no_mesotherapy_order_gives_empty_cards(client: httpx.Client) -> None:
     (lambda r: r.update(fhirServer="ftp://x", fhirAuthorization={"access_token": "t"}), "fhirServer"),
     (lambda r: r.update(hook="patient-view"), "hook"),
     (lambda r: r.update(prefetch=[1]), "prefetch"),
+    (lambda r: r["context"].update(patientId="me,victim"), "context.patientId"),
+    (lambda r: r["context"].update(patientId="me&patient=victim"), "context.patientId"),
+    (lambda r: r["context"].update(patientId="x" * 65), "context.patientId"),
 ], ids=["no-hook", "no-hookInstance", "bad-hookInstance", "no-context", "no-patientId", "no-userId",
         "no-selections", "empty-selections", "unknown-selection", "no-draftOrders", "draftOrders-not-bundle",
-        "auth-without-server", "bad-fhirServer", "unserved-hook", "prefetch-not-object"])
+        "auth-without-server", "bad-fhirServer", "unserved-hook", "prefetch-not-object",
+        "patientId-comma-list", "patientId-extra-parameter", "patientId-too-long"])
 def test_bad_requests_get_400_naming_the_problem(client: httpx.Client, mutate: Any, expected: str) -> None:
     request = copy.deepcopy(scenario_request("pregnancy-active-condition-snomed"))
     mutate(request)

@@ -81,8 +81,10 @@ def test_feedback_is_counted_once_and_survives_a_restart(audited: Service) -> No
     batch = [accepted(pregnancy[0]), overridden(pregnancy[1], "negative-pregnancy-test"),
              overridden(pregnancy[2], "negative-pregnancy-test"), overridden(allergy[0], "allergy-tested"),
              overridden(allergy[1], None)]
-    assert post(audited, *batch).status_code == 200
-    assert post(audited, *batch).status_code == 200  # the same feedback again: stored once
+    first = post(audited, *batch)
+    assert first.status_code == 200 and first.json() == {"received": 5, "stored": 5}
+    again = post(audited, *batch)  # the same feedback again: stored once
+    assert again.status_code == 200 and again.json() == {"received": 5, "stored": 0}
     audited.stop()
     audited.start()
     rules = summary(audited)
@@ -90,6 +92,16 @@ def test_feedback_is_counted_once_and_survives_a_restart(audited: Service) -> No
                                   "override_reasons": {"negative-pregnancy-test": 2}}
     assert rules["allergy-history"] == {"rule": "allergy-history", "version": "1", "issued": 3, "accepted": 0,
                                         "overridden": 2, "override_reasons": {"allergy-tested": 1}}
+
+
+def test_a_restart_right_after_answering_loses_no_card(audited: Service) -> None:
+    cards = issue_cards(audited, 20)
+    audited.stop()  # SIGTERM straight after the answers: the pending audit batch must be written
+    audited.start()
+    assert post(audited, *[overridden(c, None) for c in cards]).status_code == 200
+    rules = summary(audited)
+    assert rules["pregnancy"]["issued"] == 20 and rules["allergy-history"]["issued"] == 20
+    assert all("override_reasons" in r for r in rules.values())
 
 
 def test_unknown_and_malformed_feedback_is_refused_and_not_stored(audited: Service) -> None:

@@ -306,10 +306,16 @@ def test_tenant_must_be_allowed_when_the_issuer_lists_tenants(issuer, keys):
     assert rejected(other, "tenant") and rejected(missing, "tenant")
 
 
-@pytest.mark.parametrize("typ", [None, "at+jwt", "jwt"])
+@pytest.mark.parametrize("typ", [None, "at+jwt", "JWS"])
 def test_missing_or_wrong_typ_is_rejected(issuer, keys, typ):
     token = sign(keys["rsa"], "RS384", "rsa-1", typ=typ)
     assert rejected(run(make_settings(issuer[1]), [token])[0], "typ")
+
+
+def test_typ_is_compared_case_insensitively(issuer, keys):
+    """RFC 7519 section 5.1: `typ` values are compared case-insensitively ("JWT" is only recommended)."""
+    token = sign(keys["rsa"], "RS384", "rsa-1", typ="jwt")
+    assert isinstance(run(make_settings(issuer[1]), [token])[0], dict)
 
 
 def test_missing_kid_is_rejected(issuer, keys):

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from conftest import Service, load_fixture
+from conftest import Service, free_port, load_fixture
 from fhirserver import FhirServer, RecordingServer
 from jwks_server import JwksServer
 from test_scenarios import topics
@@ -181,6 +181,20 @@ def test_logs_hold_no_tokens_or_patient_ids(prod: Service, ehr: Ehr) -> None:
     assert "hook answered" in logs and "client JWT rejected" in logs
     for secret in (token, "very-secret-access-token", PATIENT_ID):
         assert secret not in logs
+
+
+def test_database_outage_does_not_stop_cards_in_production(ehr: Ehr) -> None:
+    svc = Service()
+    svc.env.update({"CDS_ENV": "prod", "CDS_PUBLIC_BASE_URL": svc.base_url, "CDS_PSEUDONYM_KEY": "k",
+                    "CDS_TRUSTED_ISSUERS": json.dumps({ISSUER: {"jwks_url": ehr.jwks_url}}),
+                    "CDS_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/none"})
+    with svc:
+        token = ehr.token(svc.base_url + SERVICE)
+        answer = call(svc, SERVICE, token, hook_request())
+        assert answer.status_code == 200 and answer.json()["cards"]
+        assert call(svc, SERVICE, token, hook_request()).status_code == 401  # replay still refused here
+        metrics = httpx.get(svc.base_url + "/metrics").text
+    assert 'cds_store_errors_total{operation="claim_jti"}' in metrics
 
 
 @pytest.mark.parametrize("missing", ["CDS_TRUSTED_ISSUERS", "CDS_PUBLIC_BASE_URL", "CDS_PSEUDONYM_KEY"])
