@@ -164,9 +164,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                      for rule in kb.rules for level in ("info", "warning", "critical")}
     prefetch_counters = {o: metrics.PREFETCH.labels(outcome=o) for o in ("prefetch", "fetched", "unavailable")}
 
-    @app.post("/cds-services/{service_id}")
-    async def call_service(service_id: str, request: Request) -> Response:
-        await client_claims(request)  # a plain call: FastAPI's dependency machinery costs more than the check
+    async def call_service(request: Request) -> Response:
+        """The hook endpoint, a plain Starlette route: FastAPI's parameter solving costs more than the work."""
+        await client_claims(request)
+        service_id = request.path_params["service_id"]
         if service_id != SERVICE_ID:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         started = time.perf_counter()
@@ -187,6 +188,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
                                          "patient": patient, "cards": len(cards), "ms": round(elapsed * 1000, 1)})
         return FhirJSON({"cards": cards})  # render.card never emits null or empty values (tests check every response)
+
+    app.add_route("/cds-services/{service_id}", call_service, methods=["POST"])
 
     async def screen(body: dict[str, Any], http: aiohttp.ClientSession, base: str) -> tuple[list[dict[str, Any]], str]:
         context = body["context"]

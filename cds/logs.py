@@ -7,12 +7,13 @@ are scrubbed: `Bearer <token>`, anything shaped like a JWT (`eyJ...`) and `acces
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
+
+import orjson
 
 REDACTED = "[REDACTED]"
 _PATTERNS = [
@@ -25,8 +26,14 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
                                                                      "color_message"}
 
 
+_TELLTALES = ("bearer", "eyj", "access_token")  # a cheap test (on lower-cased text) before the expressions
+
+
 def redact(text: str) -> str:
     """Replace bearer tokens, JWTs and access_token values in text with [REDACTED]."""
+    lowered = text.lower()
+    if not any(t in lowered for t in _TELLTALES):
+        return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
@@ -72,7 +79,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return orjson.dumps(entry, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):
