@@ -206,9 +206,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for kind in gathered.errors:
             metrics.FHIR_ERRORS.labels(kind=kind).inc()
         if gathered.unavailable:
-            log.warning("patient data not obtained", extra={"hookInstance": body["hookInstance"],
-                                                           "keys": sorted(gathered.unavailable),
-                                                           "errors": gathered.errors})
+            log.warning("FHIR data not obtained", extra={"hookInstance": body["hookInstance"],
+                                                        "reasons": gathered.unavailable})  # no PHI in reasons
         record = build_record(gathered, context["patientId"], set(drafts.resources), relevant)
         findings = evaluate(kb, record, orders, datetime.now(UTC).date(), settings)
         return [card(f, orders, kb, base, record.patient.id) for f in findings], patient
