@@ -1,0 +1,63 @@
+"""The compiled match index must give exactly the answers of matching each value set on its own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from cds.fhirjson import coded
+from cds.knowledge import load_knowledge
+from cds.matching import FAMILY_HISTORY
+
+from conftest import FIXTURES, ROOT
+
+KB = load_knowledge(ROOT / "cards")
+
+
+def concepts() -> Iterator[Any]:
+    """Every code, medication and observation value in the scenario corpus, as the service reads them."""
+    for path in sorted((FIXTURES / "scenarios").glob("*.json")):
+        scenario = json.loads(path.read_text())
+        prefetch = scenario.get("request", {}).get("prefetch") or {}
+        for value in prefetch.values():
+            entries = value.get("entry", []) if isinstance(value, dict) else []
+            for entry in entries:
+                resource = entry.get("resource", {}) if isinstance(entry, dict) else {}
+                for key in ("code", "medicationCodeableConcept", "valueCodeableConcept", "bodySite"):
+                    if key in resource:
+                        yield coded(resource[key])
+
+
+def test_index_agrees_with_each_value_set_alone() -> None:
+    checked = 0
+    for concept in concepts():
+        hits = KB.index.hits(concept)
+        expected = {vs.id for vs in KB.valuesets.values() if vs.match_slow(concept) is not None}
+        if FAMILY_HISTORY in expected:
+            expected = {FAMILY_HISTORY}
+        assert set(hits) == expected, concept
+        checked += 1
+    assert checked > 1000
+
+
+def test_excluded_codes_rule_a_value_set_out_even_with_matching_text() -> None:
+    suppressed = coded({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "O92.5",
+                                    "display": "Suppressed lactation"}], "text": "lactation"})
+    assert KB.vs("breastfeeding-conditions").match(suppressed) is None
+
+
+def test_family_history_matches_nothing_else() -> None:
+    fh = coded({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "Z80.3",
+                            "display": "Family history of malignant neoplasm of breast"}]})
+    assert set(KB.index.hits(fh)) == {FAMILY_HISTORY}
+
+
+def test_negated_and_relative_mentions_do_not_match() -> None:
+    for text in ("Not pregnant", "Pregnant: No", "denies pregnancy", "pregnancy ruled out", "Nicht schwanger",
+                 "Pas enceinte"):
+        assert KB.vs("pregnancy-conditions").match(coded(text)) is None, text
+    for text in ("Breast cancer in mother", "Sister - breast cancer", "FH: colon cancer", "Cancerophobia"):
+        assert KB.vs("cancer").match(coded(text)) is None, text
+    assert KB.vs("cancer").match(coded("Brustkrebs in der Vorgeschichte")) is not None
+    assert KB.vs("pregnancy-conditions").match(coded("Pregnant, 12 weeks")) is not None
