@@ -156,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return (settings.public_base_url or str(request.base_url)).rstrip("/")
 
     @app.get("/cds-services")
+    @app.get("/cds-services/", include_in_schema=False)  # answered, not redirected: EHRs may not follow a 307
     async def discover(claims: Client) -> Response:
         return FhirJSON(discovery)
 
@@ -190,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FhirJSON({"cards": cards})  # render.card never emits null or empty values (tests check every response)
 
     app.add_route("/cds-services/{service_id}", call_service, methods=["POST"])
+    app.add_route("/cds-services/{service_id}/", call_service, methods=["POST"])
 
     async def screen(body: dict[str, Any], http: aiohttp.ClientSession, base: str) -> tuple[list[dict[str, Any]], str]:
         context = body["context"]
@@ -222,6 +224,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ) for c in cards])
 
     @app.post("/cds-services/{service_id}/feedback")
+    @app.post("/cds-services/{service_id}/feedback/", include_in_schema=False)
     async def post_feedback(service_id: str, request: Request, claims: Client) -> Response:
         if service_id != SERVICE_ID:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")

@@ -213,3 +213,9 @@ def test_medication_included_in_the_bundle_is_resolved(client: httpx.Client) -> 
     response = client.post(SERVICE, json=request)
     found = {c["source"]["topic"]["code"]: c["indicator"] for c in response.json()["cards"]}
     assert found.get("insulin-dependent-diabetes") == "critical"
+
+
+def test_trailing_slashes_are_answered_not_redirected(client: httpx.Client) -> None:
+    assert client.get("/cds-services/").status_code == 200
+    response = client.post(SERVICE + "/", json=scenario_request("pregnancy-active-condition-snomed"))
+    assert response.status_code == 200 and response.json()["cards"]
