@@ -219,3 +219,14 @@ def test_trailing_slashes_are_answered_not_redirected(client: httpx.Client) -> N
     assert client.get("/cds-services/").status_code == 200
     response = client.post(SERVICE + "/", json=scenario_request("pregnancy-active-condition-snomed"))
     assert response.status_code == 200 and response.json()["cards"]
+
+
+def test_evidence_that_fails_fhir_validation_still_counts_and_the_card_says_so(client: httpx.Client) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    condition = request["prefetch"]["conditions"]["entry"][0]["resource"]
+    condition["onsetDateTime"] = "sometime in spring"  # not a FHIR dateTime
+    condition["colour"] = "blue"  # not a Condition element
+    response = client.post(SERVICE, json=request)
+    card = next(c for c in response.json()["cards"] if c["source"]["topic"]["code"] == "pregnancy")
+    assert card["indicator"] == "critical"
+    assert "did not pass FHIR validation" in card["detail"]
