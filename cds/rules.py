@@ -229,7 +229,7 @@ class Evaluation:
             if (m := severe.match(fact.manifestations)) is not None:
                 indicator = spec.severe_indicator
                 notes.append(f"reaction: {m.what}")
-            found.append(self._evidence(fact, "an active allergy record", indicator, notes))
+            found.append(self._evidence(fact, "", indicator, notes))
         return found
 
     def _ingredient_allergies(self, leaf: IngredientAllergyLeaf) -> list[Evidence]:
@@ -259,7 +259,7 @@ class Evaluation:
                     if best is None or INDICATOR_RANK[hit[0]] > INDICATOR_RANK[best[0]]:
                         best = hit
             if best is not None:
-                found.append(self._evidence(fact, "allergen compared with the ordered product", best[0], [best[1]]))
+                found.append(self._evidence(fact, "", best[0], [best[1]]))
         return found
 
     def _weaned(self, leaf: WeanedLeaf) -> list[Evidence]:
