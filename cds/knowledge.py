@@ -78,7 +78,6 @@ class KnowledgeBase:
     class_text: list[tuple[str, TextMatcher]]
     sites: SiteTable
     override_reasons: dict[str, OverrideReason]
-    negation: TextFile
     index: MatchIndex
     by_id: dict[str, Rule] = field(default_factory=dict)
     ingredient_memo: dict[tuple[Any, ...], frozenset[str]] = field(default_factory=dict)
@@ -131,6 +130,7 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
                 excluded=frozenset((system_uri(c.system), c.code) for c in vs.exclude_codes),
                 excluded_prefixes=prefix_table(vs.exclude_prefixes),
                 text=matcher(vs.text, vs.exclude_text),
+                about_relatives=vs.about_relatives,
             )
         except re.error as exc:
             raise KnowledgeError(f"{path}: bad text pattern: {exc}") from exc
@@ -195,7 +195,6 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
         class_text=[(c.id, matcher(phrases(c.synonyms))) for c in classes.values() if c.synonyms],
         sites=sites,
         override_reasons=reasons,
-        negation=text_file,
         index=index,
         by_id=by_id,
     )

@@ -37,7 +37,6 @@ class Match:
     what: str  # "SNOMED 77386006 Pregnant" or the matched text
 
 
-FAMILY_HISTORY = "family-history"  # the value set of records about relatives (cards/valuesets/family-history.yaml)
 MEMO_LIMIT = 50_000  # distinct texts remembered per matcher; EHR displays repeat, so most look-ups hit
 
 
@@ -101,6 +100,7 @@ class ValueSet:
     excluded: frozenset[tuple[str, str]]
     excluded_prefixes: dict[str, tuple[str, ...]]
     text: TextMatcher  # carries the value set's exclude_text
+    about_relatives: bool = False
     index: MatchIndex | None = None
 
     def _code_hit(self, system: str, code: str, codes: Any, prefixes: dict[str, tuple[str, ...]]) -> bool:
@@ -152,6 +152,7 @@ class MatchIndex:
         self._prefixes: dict[tuple[str, str], list[str]] = {}
         self._excluded_prefixes: dict[tuple[str, str], list[str]] = {}
         self._lengths: dict[str, set[int]] = {}
+        self._about_relatives = {vs.id for vs in self._sets if vs.about_relatives}
         for vs in self._sets:
             vs.index = self
             for key in vs.codes:
@@ -211,8 +212,9 @@ class MatchIndex:
                     hits[vs_id] = Match("text", text)
         for vs_id in excluded:
             hits.pop(vs_id, None)
-        if FAMILY_HISTORY in hits:  # about a relative: matches nothing else
-            hits = {FAMILY_HISTORY: hits[FAMILY_HISTORY]}
+        relatives = self._about_relatives.intersection(hits)
+        if relatives:  # "Family history of ...": about a relative, so it matches nothing about the patient
+            hits = {vs_id: hits[vs_id] for vs_id in relatives}
         return hits
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -54,6 +55,7 @@ TEMPLATES: tuple[Template, ...] = (
              "Medication statements"),
 )
 
+LABELS = {t.key: t.label for t in TEMPLATES}
 ABSENT = object()
 
 
@@ -185,18 +187,21 @@ def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str],
         why = gathered.unavailable.get("patient", "the EHR sent no data for the patient")
         raise DataUnavailable(f"The Patient resource could not be obtained: {why}.", expression="prefetch.patient")
     record = PatientRecord(patient=read_patient(patients[0], patient_id), draft_ids=draft_ids)
-    labels = {t.key: t.label for t in TEMPLATES}
-    record.unavailable = {labels[k]: why for k, why in gathered.unavailable.items() if k != "patient"}
-    readers = {
-        "Condition": (read_condition, record.conditions),
-        "AllergyIntolerance": (read_allergy, record.allergies),
-        "Observation": (read_observation, record.observations),
-        "MedicationRequest": (read_medication, record.medications),
-        "MedicationStatement": (read_medication, record.medications),
-        "MedicationOrder": (read_medication, record.medications),
-    }
+    record.unavailable = {LABELS[k]: why for k, why in gathered.unavailable.items() if k != "patient"}
     medications = {f"Medication/{r.get('id')}": r for resources in gathered.data.values() for r in resources
                    if r.get("resourceType") == "Medication"}
+
+    def medication(raw: dict[str, Any]) -> Any:
+        return read_medication(raw, relevant, medications)
+
+    readers: dict[str, tuple[Callable[[dict[str, Any]], Any], list[Any]]] = {
+        "Condition": (lambda raw: read_condition(raw, relevant), record.conditions),
+        "AllergyIntolerance": (read_allergy, record.allergies),
+        "Observation": (lambda raw: read_observation(raw, relevant), record.observations),
+        "MedicationRequest": (medication, record.medications),
+        "MedicationStatement": (medication, record.medications),
+        "MedicationOrder": (medication, record.medications),
+    }
     seen: set[str] = set()
     for key, resources in gathered.data.items():
         if key == "patient":
@@ -208,12 +213,7 @@ def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str],
                 continue
             seen.add(ident)
             reader, target = readers[rtype]
-            if reader is read_medication:
-                fact = read_medication(raw, relevant, medications)
-            elif reader is read_allergy:
-                fact = read_allergy(raw)
-            else:
-                fact = reader(raw, relevant)  # type: ignore[operator]
+            fact = reader(raw)
             if fact is not None:
-                target.append(fact)  # type: ignore[attr-defined]
+                target.append(fact)
     return record

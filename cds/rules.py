@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
 
-from .fhirjson import Coded
 from .knowledge import (
     INDICATOR_RANK,
     AllergyLeaf,
@@ -27,7 +26,7 @@ from .knowledge import (
     WeanedLeaf,
 )
 from .orders import Order, ingredients_in
-from .record import Fact, ObservationFact, PatientRecord
+from .record import AllergyFact, Fact, ObservationFact, PatientRecord
 from .settings import Settings
 
 
@@ -35,7 +34,7 @@ from .settings import Settings
 class Evidence:
     ref: str
     what: str
-    matched: str  # "by code (SNOMED CT 77386006 Pregnant)" / "by text ("pregnant")"
+    matched: str  # "code (SNOMED CT 77386006 Pregnant)", "text (Pregnant)", or "" when the notes say it all
     status: str = ""
     when: date | None = None
     indicator: str = "warning"
@@ -213,7 +212,7 @@ class Evaluation:
                                             leaf.medication.indicator or rule.indicator, []))
         return found
 
-    def _current_allergies(self, no_known: str) -> list[Fact]:
+    def _current_allergies(self, no_known: str) -> list[AllergyFact]:
         nka = self.kb.vs(no_known)
         return [a for a in self.record.allergies if a.is_current(self.today) and nka.match(a.code) is None]
 
@@ -236,7 +235,7 @@ class Evaluation:
         kb = self.kb
         found = []
         for fact in self._current_allergies(leaf.ingredient_allergy.no_known):
-            agent: Coded = fact.code.merged(fact.substances)  # type: ignore[attr-defined]
+            agent = fact.agent
             allergens = ingredients_in(kb, agent)
             classes = {cid for cid, m in kb.class_text if any(m.search(t) for t in agent.all_texts())}
             best: tuple[str, str] | None = None

@@ -49,6 +49,7 @@ class ValueSetFile(Strict):
     exclude_codes: list[CodeEntry] = []
     exclude_prefixes: list[PrefixEntry] = []
     exclude_text: list[str] = []
+    about_relatives: bool = False  # records in this set are about family members: they match no other set
 
 
 # --- orderables, ingredients, body sites --------------------------------------------------------
