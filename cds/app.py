@@ -7,7 +7,7 @@ import gc
 import html
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from . import __version__, metrics
 from .audit import AuditWriter
@@ -65,6 +66,45 @@ def outcome_response(error: CDSError) -> Response:
                     headers=headers)
 
 
+def error_response(exc: CDSError) -> Response:
+    if isinstance(exc, NotAuthenticated):
+        return outcome_response(NotAuthenticated("authentication required"))  # the reason stays in the log
+    return outcome_response(exc)
+
+
+def unexpected_response(request: Request) -> Response:
+    log.exception("unexpected error", extra={"path": request.url.path})
+    return outcome_response(CDSError("internal error; the event was logged"))
+
+
+class CDSApp(FastAPI):
+    """FastAPI, with the hook endpoint answered ahead of the middleware stack and router.
+
+    Starlette's and FastAPI's layers cost ~70 us a request, as much as the clinical work of a typical record;
+    `hook` is the same handler the router has (and uses when the fast path is off: CORS, a root path), and its
+    errors become the same OperationOutcome answers as the app's exception handlers give.
+    """
+
+    hook: Callable[[Request], Awaitable[Response]] | None = None
+    hook_paths: dict[str, dict[str, str]] = {}  # path -> its path_params
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = self.hook_paths.get(scope["path"]) if scope["type"] == "http" else None
+        if params is None or self.hook is None or scope["method"] != "POST" or scope.get("root_path"):
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        scope["path_params"] = params
+        request = Request(scope, receive, send)
+        try:
+            response = await self.hook(request)
+        except CDSError as exc:
+            response = error_response(exc)
+        except Exception:  # noqa: BLE001 - logged with its traceback; the caller gets a 500 OperationOutcome
+            response = unexpected_response(request)
+        await response(scope, receive, send)
+
+
 def discovery_document(kb: KnowledgeBase) -> dict[str, Any]:
     prefetch = {t.key: t.query for t in TEMPLATES}
     s = kb.service
@@ -92,7 +132,7 @@ async def client_claims(request: Request) -> dict[str, Any]:
 Client = Annotated[dict[str, Any], Depends(client_claims)]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> CDSApp:
     """Build the app; raises ConfigError or KnowledgeError (the service must not start) on bad configuration."""
     settings = settings or get_settings()
     problems = check_production_settings(settings)
@@ -127,7 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.audit.close()
                 await store.close()
 
-    app = FastAPI(title="Mesotherapy contraindication CDS service", version=__version__, lifespan=lifespan,
+    app = CDSApp(title="Mesotherapy contraindication CDS service", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.kb = kb
@@ -137,9 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(CDSError)
     async def _cds_error(request: Request, exc: CDSError) -> Response:
-        if isinstance(exc, NotAuthenticated):
-            return outcome_response(NotAuthenticated("authentication required"))  # the reason stays in the log
-        return outcome_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -149,11 +187,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error", extra={"path": request.url.path})
-        return outcome_response(CDSError("internal error; the event was logged"))
+        return unexpected_response(request)
+
+    public_base = settings.public_base_url.rstrip("/") if settings.public_base_url else None
+    base_urls: dict[tuple[Any, ...], str] = {}  # without CDS_PUBLIC_BASE_URL (dev): from the Host header
 
     def base_url(request: Request) -> str:
-        return (settings.public_base_url or str(request.base_url)).rstrip("/")
+        if public_base:
+            return public_base
+        scope = request.scope
+        key = (scope["scheme"], scope.get("server"), scope.get("root_path"), request.headers.get("host"))
+        found = base_urls.get(key)
+        if found is None:
+            if len(base_urls) >= 256:
+                base_urls.clear()
+            found = base_urls[key] = str(request.base_url).rstrip("/")
+        return found
 
     @app.get("/cds-services")
     @app.get("/cds-services/", include_in_schema=False)  # answered, not redirected: EHRs may not follow a 307
@@ -192,6 +241,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_route("/cds-services/{service_id}", call_service, methods=["POST"])
     app.add_route("/cds-services/{service_id}/", call_service, methods=["POST"])
+    if not settings.cors_origins:  # CORS headers come from middleware: with CORS on, the router serves hooks
+        app.hook = call_service
+        app.hook_paths = {f"/cds-services/{SERVICE_ID}{slash}": {"service_id": SERVICE_ID} for slash in ("", "/")}
 
     async def screen(body: dict[str, Any], http: aiohttp.ClientSession, base: str) -> tuple[list[dict[str, Any]], str]:
         context = body["context"]
@@ -201,10 +253,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not orders:
             return [], patient
         gathered = await gather(body, settings, http)
-        for t in TEMPLATES:
-            source = ("unavailable" if t.key in gathered.unavailable else
-                      "fetched" if t.key in gathered.fetched else "prefetch")
-            prefetch_counters[source].inc()
+        unavailable, fetched = len(gathered.unavailable), len(gathered.fetched)
+        for source, n in (("prefetch", len(TEMPLATES) - unavailable - fetched), ("fetched", fetched),
+                          ("unavailable", unavailable)):
+            if n:
+                prefetch_counters[source].inc(n)
         for kind in gathered.errors:
             metrics.FHIR_ERRORS.labels(kind=kind).inc()
         if gathered.unavailable:

@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -234,6 +235,7 @@ class MemoryReplayCache:
         return True
 
 
+@lru_cache(maxsize=4096)  # the same patient comes back at every hook call
 def pseudonym(value: str, key: bytes) -> str:
     """Keyed hash (HMAC-SHA256, 16 hex chars) of a patient id, for logs and stored records."""
     return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:16]

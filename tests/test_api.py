@@ -155,6 +155,12 @@ def test_unknown_service_gets_404(client: httpx.Client) -> None:
     assert response.json()["resourceType"] == "OperationOutcome"
 
 
+def test_wrong_method_on_the_hook_gets_405(client: httpx.Client) -> None:
+    response = client.get(SERVICE)
+    assert response.status_code == 405
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
 def test_extensions_and_unknown_fields_are_tolerated(client: httpx.Client) -> None:
     request = scenario_request("pregnancy-active-condition-snomed")
     request["extension"] = {"org.example.flag": True}

@@ -222,3 +222,12 @@ def test_cors_is_off_by_default_and_opens_for_named_origins(service: Service) ->
         opened = httpx.options(svc.base_url + SERVICE, headers=preflight)
         assert opened.headers["access-control-allow-origin"] == "https://sandbox.cds-hooks.org"
         assert "authorization" in opened.headers["access-control-allow-headers"].lower()
+        # with CORS on, hooks go through the router and its middleware (not the fast path): same cards, with CORS
+        request = load_fixture("requests/order-select-example.json")
+        via_router = httpx.post(svc.base_url + SERVICE, json=request, headers={"Origin": preflight["Origin"]})
+        assert via_router.headers["access-control-allow-origin"] == "https://sandbox.cds-hooks.org"
+        fast = httpx.post(service.base_url + SERVICE, json=request, headers={"Origin": preflight["Origin"]})
+        assert "access-control-allow-origin" not in fast.headers
+        assert topics(via_router) == topics(fast) == {"pregnancy": "critical", "allergy-history": "warning"}
+        bad = httpx.post(svc.base_url + SERVICE, content=b"{", headers={"Origin": preflight["Origin"]})
+        assert bad.status_code == 400 and bad.json()["resourceType"] == "OperationOutcome"
