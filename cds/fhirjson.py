@@ -52,8 +52,9 @@ class Coding(NamedTuple):
 class Coded:
     """A CodeableConcept reduced to its codings and texts (R5 CodeableReference.concept unwrapped).
 
-    `hits` caches which value sets this concept belongs to (filled by `matching.MatchIndex`), so a record read
-    once is classified once, however many rules ask.
+    `hits` caches which value sets this concept belongs to (filled by `matching.MatchIndex`, with the index that
+    classified it), so a concept is classified once, however many rules and requests ask. Never mutated
+    otherwise: `coded` hands out the same object for the same JSON.
     """
 
     __slots__ = ("codings", "texts", "hits")
@@ -61,7 +62,7 @@ class Coded:
     def __init__(self, codings: tuple[Coding, ...] = (), texts: tuple[str, ...] = ()) -> None:
         self.codings = codings
         self.texts = texts
-        self.hits: dict[str, Any] | None = None
+        self.hits: tuple[Any, dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"Coded({self.codings!r}, {self.texts!r})"
@@ -93,6 +94,19 @@ class Coded:
 EMPTY = Coded()
 
 
+_CONCEPTS: dict[tuple[Any, ...], Coded] = {}  # a CodeableConcept's JSON -> its Coded; charts repeat concepts
+_CONCEPTS_LIMIT = 50_000
+
+
+def _concept_key(raw_codings: list[Any], text: Any) -> tuple[Any, ...] | None:
+    parts = []
+    for c in raw_codings:
+        if type(c) is not dict:
+            return None
+        parts.append((c.get("system"), c.get("code"), c.get("display")))
+    return (tuple(parts), text)
+
+
 def coded(value: Any) -> Coded:
     """Read a CodeableConcept, an R5 CodeableReference, a Coding, a list of those, or a bare string."""
     if value is None:
@@ -105,13 +119,26 @@ def coded(value: Any) -> Coded:
             if isinstance(ref, dict) and isinstance(ref.get("display"), str):
                 inner = inner.merged(Coded((), (ref["display"],)))
             return inner
+        text = value.get("text")
+        key = _concept_key(raw_codings, text) if type(raw_codings) is list else None
+        if key is not None:
+            try:
+                found = _CONCEPTS.get(key)
+            except TypeError:  # a list or object where a string belongs: read it, don't remember it
+                key = found = None
+            if found is not None:
+                return found
         codings: tuple[Coding, ...] = ()
         if isinstance(raw_codings, list):
             codings = tuple(_coding(c) for c in raw_codings if isinstance(c, dict))
         elif "code" in value and ("system" in value or "display" in value):  # a bare Coding
             codings = (_coding(value),)
-        text = value.get("text")
-        return Coded(codings, (text,) if isinstance(text, str) else ())
+        result = Coded(codings, (text,) if isinstance(text, str) else ())
+        if key is not None:
+            if len(_CONCEPTS) >= _CONCEPTS_LIMIT:
+                _CONCEPTS.clear()
+            _CONCEPTS[key] = result
+        return result
     if isinstance(value, str):
         return Coded((), (value,))
     if isinstance(value, list):
@@ -190,12 +217,19 @@ _CHOICE_TYPES = ("DateTime", "Period", "Instant", "Date", "String", "Age", "Rang
                  "Quantity", "Coding", "Integer")
 
 
+_CHOICE_KEYS: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
 def choice(resource: dict[str, Any], prefix: str) -> tuple[str, Any] | None:
     """The populated choice element `prefix[x]`: ("DateTime", value), ("Period", {...}) ..."""
-    for kind in _CHOICE_TYPES:
-        value = resource.get(prefix + kind)
-        if value is not None:
-            return kind, value
+    keys = _CHOICE_KEYS.get(prefix)
+    if keys is None:
+        keys = _CHOICE_KEYS[prefix] = tuple((kind, prefix + kind) for kind in _CHOICE_TYPES)
+    for kind, key in keys:
+        if key in resource:
+            value = resource[key]
+            if value is not None:
+                return kind, value
     return None
 
 

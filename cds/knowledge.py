@@ -81,6 +81,7 @@ class KnowledgeBase:
     index: MatchIndex
     by_id: dict[str, Rule] = field(default_factory=dict)
     ingredient_memo: dict[tuple[Any, ...], frozenset[str]] = field(default_factory=dict)
+    derived: dict[str, Any] = field(default_factory=dict)  # built from the rules on first use (rules, render)
 
     def vs(self, name: str) -> ValueSet:
         return self.valuesets[name]

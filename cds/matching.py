@@ -178,15 +178,15 @@ class MatchIndex:
 
     def hits(self, value: Coded) -> dict[str, Match]:
         cached = value.hits
-        if cached is not None:
-            return cached
+        if cached is not None and cached[0] is self:  # concepts are shared across requests (fhirjson.coded)
+            return cached[1]
         key = (value.codings, value.texts)  # the same concept recurs across charts: classify it once
         cached = self._memo.get(key)
         if cached is None:
             if len(self._memo) >= MEMO_LIMIT:
                 self._memo.clear()
             cached = self._memo[key] = self._classify(value)
-        value.hits = cached
+        value.hits = (self, cached)
         return cached
 
     def _classify(self, value: Coded) -> dict[str, Match]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -19,6 +18,7 @@ from .errors import DataUnavailable
 from .fhir import FhirClient, FhirError, entries, error_outcome, next_link, server_allowed
 from .record import (
     PatientRecord,
+    Reader,
     Relevant,
     read_allergy,
     read_condition,
@@ -56,6 +56,15 @@ TEMPLATES: tuple[Template, ...] = (
 )
 
 LABELS = {t.key: t.label for t in TEMPLATES}
+# resourceType -> (the PatientRecord list its facts go to, its reader)
+READERS: dict[str, tuple[str, Reader]] = {
+    "Condition": ("conditions", read_condition),
+    "AllergyIntolerance": ("allergies", read_allergy),
+    "Observation": ("observations", read_observation),
+    "MedicationRequest": ("medications", read_medication),
+    "MedicationStatement": ("medications", read_medication),
+    "MedicationOrder": ("medications", read_medication),
+}
 ABSENT = object()
 
 
@@ -190,30 +199,21 @@ def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str],
     record.unavailable = {LABELS[k]: why for k, why in gathered.unavailable.items() if k != "patient"}
     medications = {f"Medication/{r.get('id')}": r for resources in gathered.data.values() for r in resources
                    if r.get("resourceType") == "Medication"}
-
-    def medication(raw: dict[str, Any]) -> Any:
-        return read_medication(raw, relevant, medications)
-
-    readers: dict[str, tuple[Callable[[dict[str, Any]], Any], list[Any]]] = {
-        "Condition": (lambda raw: read_condition(raw, relevant), record.conditions),
-        "AllergyIntolerance": (read_allergy, record.allergies),
-        "Observation": (lambda raw: read_observation(raw, relevant), record.observations),
-        "MedicationRequest": (medication, record.medications),
-        "MedicationStatement": (medication, record.medications),
-        "MedicationOrder": (medication, record.medications),
-    }
     seen: set[str] = set()
     for key, resources in gathered.data.items():
         if key == "patient":
             continue
         for raw in resources:
             rtype = raw.get("resourceType")
-            ident = f"{rtype}/{raw.get('id')}"
-            if rtype not in readers or (raw.get("id") and ident in seen):
+            reader = READERS.get(rtype) if type(rtype) is str else None
+            if reader is None:
                 continue
-            seen.add(ident)
-            reader, target = readers[rtype]
-            fact = reader(raw)
+            if rid := raw.get("id"):
+                ident = f"{rtype}/{rid}"
+                if ident in seen:
+                    continue
+                seen.add(ident)
+            fact = reader[1](raw, relevant, medications)
             if fact is not None:
-                target.append(fact)
+                getattr(record, reader[0]).append(fact)
     return record

@@ -124,9 +124,12 @@ def _base(raw: dict[str, Any], code: Coded) -> dict[str, Any]:
 
 
 Relevant = Callable[[Coded], bool]  # does any rule care about this concept? (skips reading the rest)
+Medications = dict[str, dict[str, Any]]  # `Medication/id` -> Medication resources from the same Bundles
+Reader = Callable[[dict[str, Any], Relevant | None, Medications | None], Any]  # every reader's signature
 
 
-def read_condition(raw: dict[str, Any], relevant: Relevant | None = None) -> Fact | None:
+def read_condition(raw: dict[str, Any], relevant: Relevant | None = None,
+                   medications: Medications | None = None) -> Fact | None:
     code = coded(raw.get("code"))
     if relevant is not None and not relevant(code):
         return None
@@ -148,7 +151,9 @@ def read_condition(raw: dict[str, Any], relevant: Relevant | None = None) -> Fac
     )
 
 
-def read_allergy(raw: dict[str, Any]) -> AllergyFact | None:
+def read_allergy(raw: dict[str, Any], relevant: Relevant | None = None,
+                 medications: Medications | None = None) -> AllergyFact | None:
+    """Every allergy counts (a rule asks about any allergy), so `relevant` does not filter here."""
     verification = status_code(raw.get("verificationStatus"))
     if verification in EXCLUDED_VERIFICATION:
         return None
@@ -171,7 +176,8 @@ def read_allergy(raw: dict[str, Any]) -> AllergyFact | None:
     )
 
 
-def read_observation(raw: dict[str, Any], relevant: Relevant | None = None) -> ObservationFact | None:
+def read_observation(raw: dict[str, Any], relevant: Relevant | None = None,
+                     medications: Medications | None = None) -> ObservationFact | None:
     status = raw.get("status")
     if status not in COUNTED_OBSERVATION:
         return None
@@ -203,7 +209,7 @@ def read_observation(raw: dict[str, Any], relevant: Relevant | None = None) -> O
 
 
 def read_medication(raw: dict[str, Any], relevant: Relevant | None = None,
-                    medications: dict[str, dict[str, Any]] | None = None) -> Fact | None:
+                    medications: Medications | None = None) -> Fact | None:
     """MedicationRequest / MedicationStatement (and DSTU2 MedicationOrder) the patient is taking now.
 
     `medications` maps `Medication/id` to Medication resources that came in the same Bundles (`_include`).
@@ -225,7 +231,7 @@ def read_medication(raw: dict[str, Any], relevant: Relevant | None = None,
     return Fact(**_base(raw, code), clinical=status)
 
 
-def medication_code(raw: dict[str, Any], medications: dict[str, dict[str, Any]] | None = None) -> Coded:
+def medication_code(raw: dict[str, Any], medications: Medications | None = None) -> Coded:
     """The medication of a request/statement: R4 medication[x], R5 medication.concept, or the referenced
     Medication (contained, or included in the same Bundle) with its ingredients."""
     med = coded(raw.get("medicationCodeableConcept"))

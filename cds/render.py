@@ -11,9 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-import orjson
-
-from .knowledge import KnowledgeBase
+from .knowledge import KnowledgeBase, Rule
 from .orders import Order
 from .record import validate_evidence
 from .rules import Evidence, Finding
@@ -49,37 +47,58 @@ def random_uuid() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+class _RuleText:
+    """What a rule's cards share, built once: the detail's closing paragraphs, topic and override reasons.
+
+    The dicts and lists here go into every card of the rule as they are; cards are serialised, never changed.
+    """
+
+    __slots__ = ("tail", "topic", "override_reasons", "link_label")
+
+    def __init__(self, rule: Rule, kb: KnowledgeBase) -> None:
+        service = kb.service
+        lines = [f"**Why it matters.** {rule.rationale.strip()}", "", f"**What to do.** {rule.advice.strip()}", ""]
+        if rule.extension:
+            lines += [f"_Extension beyond the source articles:_ {rule.extension.strip()}", ""]
+        lines.append(f"Source: {rule.source.citation} Rule `{rule.id}` version {rule.version}.")
+        self.tail = "\n".join(lines)
+        self.topic = {"system": service.topic_system, "code": rule.id, "display": rule.title}
+        self.override_reasons = [
+            {"system": service.override_reason_system, "code": code, "display": kb.override_reasons[code].display}
+            for code in rule.override_reasons]
+        self.link_label = f"About this check: {rule.title} (rule v{rule.version})"
+
+
+def _rule_text(kb: KnowledgeBase, rule: Rule) -> _RuleText:
+    texts = kb.derived.setdefault("rule_text", {})
+    found = texts.get(rule.id)
+    if found is None:
+        found = texts[rule.id] = _RuleText(rule, kb)
+    return found  # type: ignore[no-any-return]
+
+
 def card(finding: Finding, orders: list[Order], kb: KnowledgeBase, base_url: str, patient_id: str,
          new_uuid: Callable[[], str] = random_uuid) -> dict[str, Any]:
     rule = finding.rule
-    service = kb.service
+    text = _rule_text(kb, rule)
     summary = rule.summary.get(finding.indicator) or rule.summary[rule.indicator]  # type: ignore[index]
     suggestions = [_remove_orders(orders, new_uuid)]
     for s in rule.suggestions:
         entry: dict[str, Any] = {"label": s.label, "uuid": new_uuid()}
         if s.create is not None:
-            resource = orjson.loads(orjson.dumps(s.create.resource))  # a fresh copy, ~20x cheaper than deepcopy
-            resource["subject"] = {"reference": f"Patient/{patient_id}"}
+            resource = {**s.create.resource, "subject": {"reference": f"Patient/{patient_id}"}}
             entry["actions"] = [{"type": "create", "description": s.create.description, "resource": resource}]
         suggestions.append(entry)
     return {
         "uuid": new_uuid(),
         "summary": summary,
         "indicator": finding.indicator,
-        "detail": _detail(finding, orders, kb),
-        "source": {
-            "label": service.source_label,
-            "url": f"{base_url}/knowledge",
-            "topic": {"system": service.topic_system, "code": rule.id, "display": rule.title},
-        },
+        "detail": _detail(finding, orders, text.tail),
+        "source": {"label": kb.service.source_label, "url": f"{base_url}/knowledge", "topic": text.topic},
         "suggestions": suggestions,
         "selectionBehavior": "at-most-one",
-        "overrideReasons": [
-            {"system": service.override_reason_system, "code": code, "display": kb.override_reasons[code].display}
-            for code in rule.override_reasons
-        ],
-        "links": [{"label": f"About this check: {rule.title} (rule v{rule.version})",
-                   "url": f"{base_url}/knowledge/{rule.id}", "type": "absolute"}],
+        "overrideReasons": text.override_reasons,
+        "links": [{"label": text.link_label, "url": f"{base_url}/knowledge/{rule.id}", "type": "absolute"}],
     }
 
 
@@ -107,7 +126,7 @@ def _evidence_line(e: Evidence) -> str:
     return "- " + "; ".join(parts)
 
 
-def _detail(finding: Finding, orders: list[Order], kb: KnowledgeBase) -> str:
+def _detail(finding: Finding, orders: list[Order], tail: str) -> str:
     rule = finding.rule
     order_text = ", ".join(f"**{md(o.label)}** (`{md(o.ref)}`, recognised by {o.matched.by})" for o in orders)
     lines = [f"**{INDICATOR_WORDS[finding.indicator]}: {md(rule.title)}** for {order_text}.", ""]
@@ -116,8 +135,5 @@ def _detail(finding: Finding, orders: list[Order], kb: KnowledgeBase) -> str:
     lines.append("")
     for note in finding.notes:
         lines += [f"> {md(note)}", ""]
-    lines += [f"**Why it matters.** {rule.rationale.strip()}", "", f"**What to do.** {rule.advice.strip()}", ""]
-    if rule.extension:
-        lines += [f"_Extension beyond the source articles:_ {rule.extension.strip()}", ""]
-    lines.append(f"Source: {rule.source.citation} Rule `{rule.id}` version {rule.version}.")
+    lines.append(tail)
     return "\n".join(lines)

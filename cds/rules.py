@@ -65,18 +65,26 @@ class Evaluation:
     _by_set: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
     def members(self, kind: str, vs_id: str) -> list[Any]:
-        """Facts of one kind (conditions, observations, medications) in a value set, indexed on first use."""
+        """Facts of one kind (conditions, observations, medications) in a value set."""
+        return self._index(kind).get(vs_id, [])
+
+    def _index(self, kind: str) -> dict[str, list[Any]]:
         index = self._by_set.get(kind)
         if index is None:
             index = self._by_set[kind] = {}
             for fact in getattr(self.record, kind):
                 for hit in self.kb.index.hits(fact.code):
                     index.setdefault(hit, []).append(fact)
-        return index.get(vs_id, [])
+        return index
 
     def run(self) -> list[Finding]:
+        needs = rule_needs(self.kb)
+        present = self._present()
         for rule in self.kb.rules:
-            if any(other in self.findings for other in rule.suppressed_by):
+            need = needs[rule.id]
+            if need is not None and need.isdisjoint(present):
+                continue  # nothing this rule reads is in the record
+            if rule.suppressed_by and any(other in self.findings for other in rule.suppressed_by):
                 continue
             excluded = {e.ref for other in rule.excludes_evidence_of if other in self.findings
                         for e in self.findings[other].evidence}
@@ -84,6 +92,16 @@ class Evaluation:
             if evidence:
                 self.findings[rule.id] = self._finding(rule, _dedupe(evidence))
         return sorted(self.findings.values(), key=lambda f: -INDICATOR_RANK[f.indicator])
+
+    def _present(self) -> set[tuple[str, str]]:
+        """What the record holds, in the terms of `rule_needs`."""
+        present = {(kind, vs_id) for kind in ("conditions", "observations", "medications")
+                   for vs_id in self._index(kind)}
+        if self.record.allergies:
+            present.add(("allergies", ANY))
+        if self.record.unavailable:
+            present.add(("unavailable", ANY))
+        return present
 
     def _finding(self, rule: Rule, evidence: list[Evidence]) -> Finding:
         indicator = worst([e.indicator for e in evidence])
@@ -312,6 +330,43 @@ class Evaluation:
         age_text = f"{age} years" if age is not None else "age not recorded"
         return [Evidence(f"Patient/{patient.id}", f"{patient.gender}, {age_text}", "patient demographics",
                          note, None, "info", [], None)]
+
+
+ANY = "*"
+Needs = frozenset[tuple[str, str]] | None
+
+
+def rule_needs(kb: KnowledgeBase) -> dict[str, Needs]:
+    """Per rule, what must be in a record for it to find anything: (record kind, value set id) pairs, any one of
+    which suffices; None for a rule that can fire on an empty record (pregnancy status unknown fires on absence).
+
+    Each leaf below finds evidence only among the facts named here, so a rule none of whose needs is present
+    returns nothing, and is skipped without being evaluated.
+    """
+    needs = kb.derived.get("rule_needs")
+    if needs is None:
+        needs = kb.derived["rule_needs"] = {rule.id: _needs(kb, rule.when) for rule in kb.rules}
+    return needs  # type: ignore[no-any-return]
+
+
+def _needs(kb: KnowledgeBase, node: Any) -> Needs:
+    if isinstance(node, AnyNode):
+        parts = [_needs(kb, child) for child in node.any]
+        return None if any(p is None for p in parts) else frozenset().union(*parts)  # type: ignore[arg-type]
+    if isinstance(node, ConditionLeaf):
+        return frozenset({("conditions", kb.vs(node.condition.in_).id)})
+    if isinstance(node, ObservationLeaf):
+        return frozenset({("observations", kb.vs(node.observation.code).id)})
+    if isinstance(node, MedicationLeaf):
+        return frozenset({("medications", kb.vs(node.medication.in_).id)})
+    if isinstance(node, AllergyLeaf | IngredientAllergyLeaf):
+        return frozenset({("allergies", ANY)})
+    if isinstance(node, WeanedLeaf):
+        return frozenset({("conditions", kb.vs(node.weaned.conditions).id),
+                          ("observations", kb.vs(node.weaned.observation).id)})
+    if isinstance(node, IncompleteLeaf):
+        return frozenset({("unavailable", ANY)})
+    return None  # PregnancyUnknownLeaf, and any leaf added later until it is described here
 
 
 def _dedupe(evidence: list[Evidence]) -> list[Evidence]:
