@@ -11,17 +11,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e .
+# The build's own tools (pyproject's [build-system]: setuptools, and mypy for mypyc) live in the virtualenv, so
+# a rebuild reuses them and mypy's cache instead of a fresh isolated environment (30 s instead of 100 s).
+$(VENV)/.build-tools: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'], sep='\n')" > $(VENV)/build-requires.txt
+	$(BIN)/python -m pip install --quiet -r $(VENV)/build-requires.txt
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+# Installing also compiles the screening modules with mypyc (setup.py), so a change to cds/ reinstalls.
+$(VENV)/.installed: $(VENV)/.build-tools setup.py $(wildcard cds/*.py)
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[test]'
+	$(BIN)/python -c "import cds; print('cds:', cds.BUILD)"
 	touch $@
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed
 	cd tests/fhir_server && (npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error)
 
 run: install
@@ -31,10 +36,11 @@ test: install-test
 	$(BIN)/python -m pytest
 
 lint: install-test
-	$(BIN)/ruff check cds tests
+	$(BIN)/ruff check cds tests bench setup.py
+	$(BIN)/mypy
 
 bench: install-test  # BENCH_ARGS="--duration 2 --warmup 0.5" for a quick run
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache
+	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache build cds/*.so cds_native__mypyc*.so

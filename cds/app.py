@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from . import __version__, metrics
+from . import BUILD, COMPILED, __version__, metrics
 from .audit import AuditWriter
 from .errors import (
     CDSError,
@@ -147,6 +147,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("screening modules: %s", BUILD)
         _warm_up()
         store = await _open_store(settings)
         connector = aiohttp.TCPConnector(limit=512, limit_per_host=128, keepalive_timeout=30)
@@ -337,7 +338,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     async def readyz(request: Request) -> Response:
         store_ok = await request.app.state.store.ping()
         body = {"status": "ready" if store_ok else "not ready", "rules": len(kb.rules),
-                "store": "ok" if store_ok else "unreachable"}
+                "store": "ok" if store_ok else "unreachable", "build": "compiled" if COMPILED else "interpreted"}
         return FhirJSON(body, status_code=200 if store_ok else 503)
 
     @app.get("/metrics")

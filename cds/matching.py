@@ -181,13 +181,13 @@ class MatchIndex:
         if cached is not None and cached[0] is self:  # concepts are shared across requests (fhirjson.coded)
             return cached[1]
         key = (value.codings, value.texts)  # the same concept recurs across charts: classify it once
-        cached = self._memo.get(key)
-        if cached is None:
+        found = self._memo.get(key)
+        if found is None:
             if len(self._memo) >= MEMO_LIMIT:
                 self._memo.clear()
-            cached = self._memo[key] = self._classify(value)
-        value.hits = (self, cached)
-        return cached
+            found = self._memo[key] = self._classify(value)
+        value.hits = (self, found)
+        return found
 
     def _classify(self, value: Coded) -> dict[str, Match]:
         hits: dict[str, Match] = {}

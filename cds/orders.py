@@ -193,8 +193,8 @@ def _ingredients(kb: KnowledgeBase, order: Order, resource: dict[str, Any], conc
 def ingredients_in(kb: KnowledgeBase, value: Coded) -> set[str]:
     """Ingredient ids named by code or by a synonym in a medication concept or free text (memoised per concept)."""
     key = (value.codings, value.texts)
-    found = kb.ingredient_memo.get(key)
-    if found is None:
+    known = kb.ingredient_memo.get(key)
+    if known is None:
         found = {kb.ingredient_codes[(c.system, c.code)] for c in value.codings
                  if (c.system, c.code) in kb.ingredient_codes}
         texts = value.all_texts()
@@ -203,8 +203,8 @@ def ingredients_in(kb: KnowledgeBase, value: Coded) -> set[str]:
                 found.add(ing_id)
         if len(kb.ingredient_memo) >= 50_000:
             kb.ingredient_memo.clear()
-        kb.ingredient_memo[key] = found = frozenset(found)
-    return set(found)
+        kb.ingredient_memo[key] = known = frozenset(found)
+    return set(known)
 
 
 def _order_sites(kb: KnowledgeBase, resource: dict[str, Any], concepts: Coded,

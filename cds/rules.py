@@ -148,7 +148,7 @@ class Evaluation:
             match = vs.match(fact.code)
             if match is None or any(n.match(fact.code) for n in not_in):
                 continue
-            indicator = spec.indicator or rule.indicator
+            indicator: str = spec.indicator or rule.indicator
             notes = []
             if spec.recent is not None:
                 window = getattr(self.settings, spec.recent.days_setting)

@@ -285,9 +285,9 @@ class Store:
         Shared by every worker and replica using this database; an expired claim can be claimed again.
         """
         now = time.time()
-        stmt = (self._insert(jwt_replay).values(key=key, expires_at=float(expires_at)))
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[jwt_replay.c.key], set_={"expires_at": stmt.excluded.expires_at},
+        insert = self._insert(jwt_replay).values(key=key, expires_at=float(expires_at))
+        stmt = insert.on_conflict_do_update(
+            index_elements=[jwt_replay.c.key], set_={"expires_at": insert.excluded.expires_at},
             where=jwt_replay.c.expires_at <= now,
         ).returning(jwt_replay.c.key)
         async with self._write("claim_jti") as conn:

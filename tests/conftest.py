@@ -37,7 +37,8 @@ class Service:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
+        # the build choice (cds/__init__.py) is the one CDS_ variable the suite's own environment decides
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_") or k == "CDS_INTERPRETED"}
         self.data_dir = tempfile.mkdtemp(prefix="cds-test-data-")
         self.env.update({"HOST": "127.0.0.1", "PORT": str(self.port), "CDS_LOG_LEVEL": "WARNING",
                          "CDS_DATA_DIR": self.data_dir})

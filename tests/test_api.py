@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import re
+import time
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +25,7 @@ def scenario_request(name: str) -> dict[str, Any]:
 
 
 def assert_valid_card(card: dict[str, Any], draft_refs: set[str]) -> None:
-    assert re.fullmatch(r"[0-9a-f-]{36}", card["uuid"])
+    assert uuid.UUID(card["uuid"]).version == 7 and str(uuid.UUID(card["uuid"])) == card["uuid"]
     assert isinstance(card["summary"], str) and 0 < len(card["summary"]) < 140
     assert card["indicator"] in ("info", "warning", "critical")
     source = card["source"]
@@ -81,6 +83,18 @@ def test_cards_are_valid_and_ordered_by_urgency(client: httpx.Client) -> None:
     for card in cards:
         assert_valid_card(card, drafts)
     assert len({c["uuid"] for c in cards}) == len(cards)
+
+
+def test_card_ids_are_time_ordered_so_the_audit_index_grows_at_its_end(client: httpx.Client) -> None:
+    ids = []
+    for _ in range(3):
+        cards = client.post(SERVICE, json=scenario_request("pregnancy-active-condition-snomed")).json()["cards"]
+        ids += [c["uuid"] for c in cards] + [s["uuid"] for c in cards for s in c["suggestions"]]
+        time.sleep(0.002)  # version-7 ids order by millisecond first
+    assert {uuid.UUID(i).version for i in ids} == {7}
+    per_request = len(ids) // 3
+    firsts = [ids[i * per_request] for i in range(3)]
+    assert firsts == sorted(firsts) and len(set(ids)) == len(ids)
 
 
 def test_card_detail_cites_evidence_and_source(client: httpx.Client) -> None:

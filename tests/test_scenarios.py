@@ -8,6 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+import cds
+
 from conftest import FIXTURES, with_dates
 
 SCENARIOS = sorted((FIXTURES / "scenarios").glob("*.json"))
@@ -32,6 +34,10 @@ def topics(response: httpx.Response) -> dict[str, str]:
         assert topic not in found, f"two cards for topic {topic}"
         found[topic] = card["indicator"]
     return found
+
+
+def test_the_service_runs_the_build_the_tests_run(client: httpx.Client) -> None:
+    assert client.get("/readyz").json()["build"] == ("compiled" if cds.COMPILED else "interpreted")
 
 
 def test_corpus_is_large_enough() -> None:
