@@ -18,7 +18,8 @@ import pytest
 import cds
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPILED = ["fhirjson", "matching", "orders", "prefetch", "record", "render", "rules"]  # as in setup.py
+# as in setup.py
+COMPILED = ["fhir", "fhirjson", "hooks", "logs", "matching", "orders", "prefetch", "record", "render", "rules"]
 has_build = pytest.mark.skipif(not list(ROOT.glob("cds_native__mypyc*")), reason="no compiled build here")
 
 
