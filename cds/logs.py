@@ -67,9 +67,29 @@ class RedactFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, extra fields, exc."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._prefix = ""
+
+    def timestamp(self, created: float) -> str:
+        """`created` as ISO 8601 UTC to the millisecond, as `datetime.isoformat` writes it.
+
+        The date and time to the second are formatted once per second: at one line per hook call, building a
+        datetime for every line was a fifth of the cost of logging it.
+        """
+        second = int(created)
+        micros = round((created - second) * 1_000_000)  # as datetime.fromtimestamp rounds
+        if micros == 1_000_000:
+            second, micros = second + 1, 0
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{micros // 1000:03d}+00:00"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": self.timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

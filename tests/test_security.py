@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -492,6 +493,18 @@ def test_logs_redact_tokens_and_carry_extra_fields(keys):
     assert line["message"] == "header was Bearer [REDACTED]" and line["level"] == "WARNING"
     assert line["logger"] == "cds" and line["hookInstance"].startswith("d1577c69") and "time" in line
     assert token not in json.dumps(line) and line["note"] == "jwt [REDACTED]"
+
+
+def test_log_times_are_written_as_datetime_writes_them():
+    formatter = JsonFormatter()
+    edges = [s + f for s in (1_795_000_000, 1_795_000_001) for f in (0.0, 0.0004999, 0.0005, 0.9994999, 0.9995,
+                                                                     0.9999994, 0.9999995, 0.9999996)]
+    spread = [1_700_000_000 + i * 3_141.592653589 + i / 7 for i in range(20_000)]
+    for created in sorted(edges + spread):  # the per-second cache is hit and missed in both orders
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert formatter.timestamp(created) == expected, created
+    for created in sorted(edges + spread, reverse=True):
+        assert formatter.timestamp(created) == datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
 
 
 def test_absurd_claim_values_are_rejected_not_crashing(issuer, keys):
