@@ -14,6 +14,8 @@ import aiohttp
 import orjson
 import yarl
 
+from .fhirjson import listed
+
 FHIR_JSON = "application/fhir+json"
 
 
@@ -119,7 +121,7 @@ class FhirClient:
 def entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
     """The resources of a Bundle, leaving out search.mode=outcome entries."""
     out = []
-    for entry in bundle.get("entry") or []:
+    for entry in listed(bundle.get("entry")):
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
             continue
         search = entry.get("search")
@@ -138,16 +140,16 @@ def error_outcome(value: Any) -> bool:
     if value.get("resourceType") == "OperationOutcome":
         return True
     if value.get("resourceType") == "Bundle":
-        for entry in value.get("entry") or []:
+        for entry in listed(value.get("entry")):
             res = entry.get("resource") if isinstance(entry, dict) else None
             if isinstance(res, dict) and res.get("resourceType") == "OperationOutcome" and any(
-                    isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in res.get("issue") or []):
+                    isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in listed(res.get("issue"))):
                 return True
     return False
 
 
 def next_link(bundle: dict[str, Any]) -> str | None:
-    for link in bundle.get("link") or []:
+    for link in listed(bundle.get("link")):
         if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
             return str(link["url"])
     return None

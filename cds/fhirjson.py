@@ -98,6 +98,16 @@ _CONCEPTS: dict[tuple[Any, ...], Coded] = {}  # a CodeableConcept's JSON -> its 
 _CONCEPTS_LIMIT = 50_000
 
 
+def listed(value: Any) -> list[Any]:
+    """Where FHIR JSON has an array: a list as it is, a lone object as a list of one (a common sender slip), and
+    anything else (a number, a string, null) as empty."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        return [value]
+    return []
+
+
 def _concept_key(raw_codings: list[Any], text: Any) -> tuple[Any, ...] | None:
     parts = []
     for c in raw_codings:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRequest
-from .fhirjson import Coded, coded, ref_key, reference
+from .fhirjson import Coded, coded, listed, ref_key, reference
 from .knowledge import KnowledgeBase, Match, Orderable
 from .record import medication_code
 
@@ -50,7 +50,7 @@ def draft_resources(draft_orders: Any) -> DraftOrders:
     """Index the draftOrders Bundle (a missing Bundle.type is fine, as the sandbox and hook examples send it)."""
     if not isinstance(draft_orders, dict) or draft_orders.get("resourceType") != "Bundle":
         raise InvalidRequest("context.draftOrders must be a FHIR Bundle", expression="context.draftOrders")
-    entries = draft_orders.get("entry") or []
+    entries = listed(draft_orders.get("entry"))
     if not isinstance(entries, list):
         raise InvalidRequest("context.draftOrders.entry must be an array", expression="context.draftOrders.entry")
     drafts = DraftOrders({}, {})
@@ -72,7 +72,7 @@ def evaluated_orders(hook: str, drafts: DraftOrders, selections: list[str] | Non
     if hook != "order-select":
         return list(drafts.resources)
     chosen: list[str] = []
-    for i, sel in enumerate(selections or []):
+    for i, sel in enumerate(listed(selections)):
         key = drafts.resolve(sel)
         if key is None:
             raise InvalidRequest(f"selection {sel!r} is not an entry of draftOrders",
@@ -88,11 +88,11 @@ def order_concepts(resource: dict[str, Any]) -> Coded:
         value = resource.get(key)
         if isinstance(value, dict) and "reference" not in value:
             c = c.merged(coded(value))
-    for detail in resource.get("orderDetail") or []:
+    for detail in listed(resource.get("orderDetail")):
         if not isinstance(detail, dict):
             continue
         c = c.merged(coded(detail))
-        for param in detail.get("parameter") or []:  # R5 orderDetail.parameter[].value[x]
+        for param in listed(detail.get("parameter")):  # R5 orderDetail.parameter[].value[x]
             if isinstance(param, dict):
                 for k, v in param.items():
                     if k.startswith("value"):
@@ -101,7 +101,7 @@ def order_concepts(resource: dict[str, Any]) -> Coded:
 
 
 def _notes(resource: dict[str, Any]) -> list[str]:
-    return [n["text"] for n in resource.get("note") or [] if isinstance(n, dict) and isinstance(n.get("text"), str)]
+    return [n["text"] for n in listed(resource.get("note")) if isinstance(n, dict) and isinstance(n.get("text"), str)]
 
 
 def find_mesotherapy(kb: KnowledgeBase, hook: str, drafts: DraftOrders,
@@ -141,7 +141,7 @@ def _mesotherapy_match(kb: KnowledgeBase, concepts: Coded) -> tuple[Match, Order
 
 
 def _links(resource: dict[str, Any], drafts: DraftOrders, *fields: str) -> set[str]:
-    return {key for f in fields for item in resource.get(f) or []
+    return {key for f in fields for item in listed(resource.get(f))
             if (r := reference(item)) and (key := drafts.resolve(r)) is not None}
 
 
@@ -210,7 +210,7 @@ def ingredients_in(kb: KnowledgeBase, value: Coded) -> set[str]:
 def _order_sites(kb: KnowledgeBase, resource: dict[str, Any], concepts: Coded,
                  orderable: Orderable | None) -> set[str]:
     body = coded(resource.get("bodySite"))
-    for dosage in resource.get("dosageInstruction") or []:
+    for dosage in listed(resource.get("dosageInstruction")):
         if isinstance(dosage, dict):
             body = body.merged(coded(dosage.get("site")))
     sites = kb.sites.classify(body)

@@ -15,7 +15,17 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from .fhirjson import Coded, choice, choice_date, coded, parse_date, parse_instant, ref_key, status_code
+from .fhirjson import (
+    Coded,
+    choice,
+    choice_date,
+    coded,
+    listed,
+    parse_date,
+    parse_instant,
+    ref_key,
+    status_code,
+)
 
 EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
 UNCONFIRMED = {"unconfirmed", "provisional", "differential", "presumed"}
@@ -159,7 +169,7 @@ def read_allergy(raw: dict[str, Any], relevant: Relevant | None = None,
         return None
     substances = Coded()
     manifestations = Coded()
-    for reaction in raw.get("reaction") or []:
+    for reaction in listed(raw.get("reaction")):
         if isinstance(reaction, dict):
             substances = substances.merged(coded(reaction.get("substance")))
             manifestations = manifestations.merged(coded(reaction.get("manifestation")))
@@ -178,7 +188,7 @@ def read_allergy(raw: dict[str, Any], relevant: Relevant | None = None,
 
 def read_observation(raw: dict[str, Any], relevant: Relevant | None = None,
                      medications: Medications | None = None) -> ObservationFact | None:
-    status = raw.get("status")
+    status = status_code(raw.get("status"))
     if status not in COUNTED_OBSERVATION:
         return None
     code = coded(raw.get("code"))
@@ -215,7 +225,7 @@ def read_medication(raw: dict[str, Any], relevant: Relevant | None = None,
     `medications` maps `Medication/id` to Medication resources that came in the same Bundles (`_include`).
     """
     rtype = raw.get("resourceType")
-    status = raw.get("status")
+    status = status_code(raw.get("status"))
     if rtype == "MedicationStatement":
         if status not in COUNTED_STATEMENT:
             return None
@@ -248,7 +258,7 @@ def medication_code(raw: dict[str, Any], medications: Medications | None = None)
                 contained = medications.get(ref_key(str(ref["reference"])))
             if contained is not None:
                 med = med.merged(coded(contained.get("code")))
-                for ing in contained.get("ingredient") or []:
+                for ing in listed(contained.get("ingredient")):
                     if isinstance(ing, dict):
                         med = med.merged(coded(ing.get("itemCodeableConcept") or ing.get("item")))
             if isinstance(ref.get("display"), str):
@@ -260,7 +270,7 @@ def contained_resource(raw: dict[str, Any], ref: dict[str, Any]) -> dict[str, An
     target = ref.get("reference")
     if not isinstance(target, str) or not target.startswith("#"):
         return None
-    for item in raw.get("contained") or []:
+    for item in listed(raw.get("contained")):
         if isinstance(item, dict) and item.get("id") == target[1:]:
             return item
     return None
