@@ -309,4 +309,7 @@ def _validate(raw: dict[str, Any]) -> str | None:
             return None
         except (ValidationError, KeyError, ValueError) as exc:
             errors.append(str(exc).splitlines()[0])
+        except Exception as exc:  # noqa: BLE001 - the models raise TypeError on some shapes (e.g. a contained
+            # resource whose resourceType is a number); a validator fault is a validation failure, not a crash
+            errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
     return errors[0]

@@ -250,3 +250,14 @@ def test_evidence_that_fails_fhir_validation_still_counts_and_the_card_says_so(c
     card = next(c for c in response.json()["cards"] if c["source"]["topic"]["code"] == "pregnancy")
     assert card["indicator"] == "critical"
     assert "did not pass FHIR validation" in card["detail"]
+
+
+def test_evidence_the_fhir_models_trip_over_still_counts_and_the_card_says_so(client: httpx.Client) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    condition = request["prefetch"]["conditions"]["entry"][0]["resource"]
+    condition["contained"] = [{"resourceType": 5, "id": "x"}]  # fhir.resources raises TypeError, not a ValidationError
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200, response.text
+    card = next(c for c in response.json()["cards"] if c["source"]["topic"]["code"] == "pregnancy")
+    assert card["indicator"] == "critical"
+    assert "did not pass FHIR validation" in card["detail"]
