@@ -228,7 +228,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         except DataUnavailable as exc:
             log.warning("hook refused: %s", exc.message, extra={"hookInstance": body["hookInstance"],
                                                                  "hook": body["hook"], "status": 412})
-            metrics.REQUEST_LATENCY.labels(hook=body["hook"]).observe(time.perf_counter() - started)
+            latency[body["hook"]].observe(time.perf_counter() - started)
             raise
         elapsed = time.perf_counter() - started
         latency[body["hook"]].observe(elapsed)

@@ -111,11 +111,17 @@ class FhirClient:
             if pages >= self._max_pages:
                 raise FhirError(f"more than {self._max_pages} pages of results")
             bundle = await self.get(link)
-            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-                raise FhirError("a page of search results was not a Bundle")
+            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or malformed_bundle(bundle):
+                raise FhirError("a page of search results was not a readable Bundle")
             resources.extend(entries(bundle))
             pages += 1
         return resources
+
+
+def malformed_bundle(bundle: dict[str, Any]) -> bool:
+    """A Bundle whose `entry` or `link` is neither an array nor a lone object: what it holds cannot be known, so
+    it must count as data not obtained, never as an empty result."""
+    return any(bundle.get(key) is not None and not isinstance(bundle[key], list | dict) for key in ("entry", "link"))
 
 
 def entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:

@@ -50,7 +50,7 @@ def draft_resources(draft_orders: Any) -> DraftOrders:
     """Index the draftOrders Bundle (a missing Bundle.type is fine, as the sandbox and hook examples send it)."""
     if not isinstance(draft_orders, dict) or draft_orders.get("resourceType") != "Bundle":
         raise InvalidRequest("context.draftOrders must be a FHIR Bundle", expression="context.draftOrders")
-    entries = listed(draft_orders.get("entry"))
+    entries = draft_orders.get("entry") or []
     if not isinstance(entries, list):
         raise InvalidRequest("context.draftOrders.entry must be an array", expression="context.draftOrders.entry")
     drafts = DraftOrders({}, {})
@@ -72,7 +72,7 @@ def evaluated_orders(hook: str, drafts: DraftOrders, selections: list[str] | Non
     if hook != "order-select":
         return list(drafts.resources)
     chosen: list[str] = []
-    for i, sel in enumerate(listed(selections)):
+    for i, sel in enumerate(selections or []):
         key = drafts.resolve(sel)
         if key is None:
             raise InvalidRequest(f"selection {sel!r} is not an entry of draftOrders",

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import aiohttp
 
 from .errors import DataUnavailable
-from .fhir import FhirClient, FhirError, entries, error_outcome, next_link, server_allowed
+from .fhir import FhirClient, FhirError, entries, error_outcome, malformed_bundle, next_link, server_allowed
 from .record import (
     PatientRecord,
     Reader,
@@ -97,11 +97,11 @@ async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.Clie
         value = prefetch.get(t.key, ABSENT) if isinstance(prefetch, dict) else ABSENT
         if value is None:
             data[t.key] = []
-        elif value is ABSENT or error_outcome(value) or not isinstance(value, dict):
+        elif value is ABSENT or error_outcome(value) or not isinstance(value, dict) or malformed_bundle(value):
             if isinstance(client, str):
                 sent = ("the EHR sent no prefetch for it" if value is ABSENT else
                         "the EHR's prefetch for it was an error" if error_outcome(value) else
-                        "the EHR's prefetch for it was not a FHIR resource")
+                        "the EHR's prefetch for it was not a readable FHIR resource")
                 unavailable[t.key] = f"{sent}, and {client}"
             else:
                 jobs[t.key] = _fetch(client, render(t.query, context))
@@ -156,6 +156,8 @@ async def _fetch(client: FhirClient, query: str) -> list[dict[str, Any]]:
     if not isinstance(result, dict):
         raise FhirError("the FHIR server answered with something that is not a FHIR resource")
     if result.get("resourceType") == "Bundle":
+        if malformed_bundle(result):
+            raise FhirError("the FHIR server answered with a Bundle whose entries cannot be read")
         return await client.complete(result)
     if result.get("resourceType") == "OperationOutcome":
         raise FhirError("the FHIR server answered with an error (OperationOutcome)")
@@ -205,15 +207,16 @@ def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str],
             continue
         for raw in resources:
             rtype = raw.get("resourceType")
-            reader = READERS.get(rtype) if type(rtype) is str else None
-            if reader is None:
+            entry = READERS.get(rtype) if type(rtype) is str else None
+            if entry is None:
                 continue
+            target, read = entry
             if rid := raw.get("id"):
                 ident = f"{rtype}/{rid}"
                 if ident in seen:
                     continue
                 seen.add(ident)
-            fact = reader[1](raw, relevant, medications)
+            fact = read(raw, relevant, medications)
             if fact is not None:
-                getattr(record, reader[0]).append(fact)
+                getattr(record, target).append(fact)
     return record

@@ -126,6 +126,7 @@ def test_no_mesotherapy_order_gives_empty_cards(client: httpx.Client) -> None:
     (lambda r: r["context"].update(selections=["ServiceRequest/not-there"]), "context.selections[0]"),
     (lambda r: r["context"].pop("draftOrders"), "context.draftOrders"),
     (lambda r: r["context"].update(draftOrders=[1, 2]), "context.draftOrders"),
+    (lambda r: r["context"]["draftOrders"].update(entry=5), "context.draftOrders.entry"),
     (lambda r: r.update(fhirAuthorization={"access_token": "t", "token_type": "Bearer"}), "fhirServer"),
     (lambda r: r.update(fhirServer="ftp://x", fhirAuthorization={"access_token": "t"}), "fhirServer"),
     (lambda r: r.update(hook="patient-view"), "hook"),
@@ -135,7 +136,7 @@ def test_no_mesotherapy_order_gives_empty_cards(client: httpx.Client) -> None:
     (lambda r: r["context"].update(patientId="x" * 65), "context.patientId"),
 ], ids=["no-hook", "no-hookInstance", "bad-hookInstance", "no-context", "no-patientId", "no-userId",
         "no-selections", "empty-selections", "unknown-selection", "no-draftOrders", "draftOrders-not-bundle",
-        "auth-without-server", "bad-fhirServer", "unserved-hook", "prefetch-not-object",
+        "draftOrders-entry-not-array", "auth-without-server", "bad-fhirServer", "unserved-hook", "prefetch-not-object",
         "patientId-comma-list", "patientId-extra-parameter", "patientId-too-long"])
 def test_bad_requests_get_400_naming_the_problem(client: httpx.Client, mutate: Any, expected: str) -> None:
     request = copy.deepcopy(scenario_request("pregnancy-active-condition-snomed"))

@@ -71,3 +71,17 @@ def test_wrong_shapes_anywhere_never_make_a_500(name: str, client: httpx.Client)
         else:
             assert response.json()["resourceType"] == "OperationOutcome"
     assert seen[200] > 100, seen  # most mutations leave a request that must still be screened
+
+
+@pytest.mark.parametrize("bundle", [{"entry": 5}, {"entry": "x"}, {"entry": True}, {"link": 7}],
+                         ids=["entry-number", "entry-string", "entry-boolean", "link-number"])
+def test_a_bundle_that_cannot_be_read_is_data_not_obtained_not_an_empty_list(bundle: dict[str, Any],
+                                                                             client: httpx.Client) -> None:
+    request = base_request("scenarios/pregnancy-active-condition-snomed.json")
+    assert "fhirServer" not in request  # nothing to fetch instead: the card must say what was not checked
+    request["prefetch"]["conditions"] = {"resourceType": "Bundle", "type": "searchset", **bundle}
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200, response.text
+    cards = {c["source"]["topic"]["code"]: c for c in response.json()["cards"]}
+    assert "Conditions (problem list)" in cards["screening-incomplete"]["detail"]
+    assert "not a readable FHIR resource" in cards["screening-incomplete"]["detail"]
