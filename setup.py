@@ -3,7 +3,8 @@
 These modules do the work of every hook call in plain Python over dicts: reading the record, matching codes,
 evaluating the rules, rendering the cards. Compiled, they take fewer instructions per request (README,
 Performance). The compiled build is optional: with `CDS_COMPILE=0`, or where compiling fails (no C compiler),
-the package installs and runs as interpreted Python, and `cds` logs at start-up which one it runs.
+the package installs and runs as interpreted Python (so it does when mypy's type check fails), and `cds` logs at
+start-up which one it runs.
 
 Next to the compiled modules the build writes `cds/compiled.json`, the SHA-256 of each source it compiled.
 `cds/__init__.py` runs the compiled modules only while every source still has that hash.
@@ -12,6 +13,7 @@ Next to the compiled modules the build writes `cds/compiled.json`, the SHA-256 o
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -49,7 +51,12 @@ def extensions() -> list:
         return []
     from mypyc.build import mypycify
 
-    built = mypycify([str(path) for path in SOURCES.values()], opt_level="3", group_name="cds_native")
+    try:
+        built = mypycify([str(path) for path in SOURCES.values()], opt_level="3", group_name="cds_native")
+    except (Exception, SystemExit) as exc:  # mypy exits on a type error, e.g. with newer dependency stubs
+        sys.stderr.write(f"cds: not compiling the screening modules ({type(exc).__name__}: {exc}; see above); "
+                         "installing them interpreted\n")
+        return []
     for extension in built:
         extension.optional = True  # a failed C build leaves the interpreted package, not a failed install
     return built
