@@ -19,7 +19,8 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-COMPILED = ["fhir", "fhirjson", "hooks", "logs", "matching", "orders", "prefetch", "record", "render", "rules"]
+COMPILED = ["fhir", "fhirjson", "hooks", "logs", "matching", "orders", "prefetch", "record", "render", "rules",
+            "screening"]
 MANIFEST = "compiled.json"
 SOURCES = {name: Path("cds", f"{name}.py") for name in COMPILED}
 HASHES = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in SOURCES.items()}  # as compiled

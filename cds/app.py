@@ -9,7 +9,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import aiohttp
@@ -35,13 +34,11 @@ from .errors import (
 from .feedback import parse_feedback
 from .hooks import SERVED_HOOKS, validate_request
 from .knowledge import KnowledgeBase, load_knowledge
-from .orders import draft_resources, find_mesotherapy
-from .prefetch import TEMPLATES, build_record, gather
-from .render import card
-from .rules import evaluate
-from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym, pseudonym_key
+from .prefetch import TEMPLATES
+from .screening import Screening
+from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym_key
 from .settings import Settings, get_settings
-from .store import IssuedCard, Store, StoreError, UnknownCard
+from .store import Store, StoreError, UnknownCard
 
 SERVICE_ID = "mesotherapy-contraindications"
 AUDIT_GRACE_S = 0.3  # feedback naming an unknown card is retried once after this: another worker may be writing it
@@ -140,10 +137,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         raise ConfigError("; ".join(problems))
     kb = load_knowledge(settings.knowledge_dir, env=settings.env)
     discovery = discovery_document(kb)
-    patient_key = pseudonym_key(settings)
-
-    def relevant(concept: Any) -> bool:
-        return bool(kb.index.hits(concept))
+    screening = Screening(kb, settings, pseudonym_key(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -213,7 +207,6 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     latency = {hook: metrics.REQUEST_LATENCY.labels(hook=hook) for hook in SERVED_HOOKS}
     card_counters = {(rule.id, level): metrics.CARDS.labels(topic=rule.id, indicator=level)
                      for rule in kb.rules for level in ("info", "warning", "critical")}
-    prefetch_counters = {o: metrics.PREFETCH.labels(outcome=o) for o in ("prefetch", "fetched", "unavailable")}
 
     async def call_service(request: Request) -> Response:
         """The hook endpoint, a plain Starlette route: FastAPI's parameter solving costs more than the work."""
@@ -224,7 +217,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         started = time.perf_counter()
         body = validate_request(await read_json(request, settings.max_body_bytes))
         try:
-            cards, patient = await screen(body, request.app.state.fhir_http, base_url(request))
+            cards, patient = await screening.screen(body, request.app.state.fhir_http, base_url(request))
         except DataUnavailable as exc:
             log.warning("hook refused: %s", exc.message, extra={"hookInstance": body["hookInstance"],
                                                                  "hook": body["hook"], "status": 412})
@@ -234,8 +227,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         latency[body["hook"]].observe(elapsed)
         for c in cards:
             card_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
-        if cards:
-            audit(request.app, body, cards, patient)
+        if cards:  # queued for the audit store; the answer never waits for the database
+            request.app.state.audit.submit(screening.issued(body, cards, patient))
         log.info("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
                                          "patient": patient, "cards": len(cards), "ms": round(elapsed * 1000, 1)})
         return FhirJSON({"cards": cards})  # render.card never emits null or empty values (tests check every response)
@@ -245,37 +238,6 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     if not settings.cors_origins:  # CORS headers come from middleware: with CORS on, the router serves hooks
         app.hook = call_service
         app.hook_paths = {f"/cds-services/{SERVICE_ID}{slash}": {"service_id": SERVICE_ID} for slash in ("", "/")}
-
-    async def screen(body: dict[str, Any], http: aiohttp.ClientSession, base: str) -> tuple[list[dict[str, Any]], str]:
-        context = body["context"]
-        patient = pseudonym(context["patientId"], patient_key)
-        drafts = draft_resources(context["draftOrders"])
-        orders = find_mesotherapy(kb, body["hook"], drafts, context.get("selections"))
-        if not orders:
-            return [], patient
-        gathered = await gather(body, settings, http)
-        unavailable, fetched = len(gathered.unavailable), len(gathered.fetched)
-        for source, n in (("prefetch", len(TEMPLATES) - unavailable - fetched), ("fetched", fetched),
-                          ("unavailable", unavailable)):
-            if n:
-                prefetch_counters[source].inc(n)
-        for kind in gathered.errors:
-            metrics.FHIR_ERRORS.labels(kind=kind).inc()
-        if gathered.unavailable:
-            log.warning("FHIR data not obtained", extra={"hookInstance": body["hookInstance"],
-                                                        "reasons": gathered.unavailable})  # no PHI in reasons
-        record = build_record(gathered, context["patientId"], set(drafts.resources), relevant)
-        findings = evaluate(kb, record, orders, datetime.now(UTC).date(), settings)
-        return [card(f, orders, kb, base, record.patient.id) for f in findings], patient
-
-    def audit(app_: FastAPI, body: dict[str, Any], cards: list[dict[str, Any]], patient: str) -> None:
-        """Queue the issued cards for the audit store; the answer never waits for the database."""
-        now = datetime.now(UTC)
-        app_.state.audit.submit([IssuedCard(
-            uuid=c["uuid"], rule_id=(topic := c["source"]["topic"]["code"]), rule_version=kb.by_id[topic].version,
-            indicator=c["indicator"], hook=body["hook"], hook_instance=body["hookInstance"],
-            patient_pseudonym=patient, issued_at=now, suggestion_uuids=[s["uuid"] for s in c.get("suggestions", [])],
-        ) for c in cards])
 
     @app.post("/cds-services/{service_id}/feedback")
     @app.post("/cds-services/{service_id}/feedback/", include_in_schema=False)

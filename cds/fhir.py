@@ -121,7 +121,11 @@ class FhirClient:
 def malformed_bundle(bundle: dict[str, Any]) -> bool:
     """A Bundle whose `entry` or `link` is neither an array nor a lone object: what it holds cannot be known, so
     it must count as data not obtained, never as an empty result."""
-    return any(bundle.get(key) is not None and not isinstance(bundle[key], list | dict) for key in ("entry", "link"))
+    for key in ("entry", "link"):
+        value = bundle.get(key)
+        if value is not None and not isinstance(value, list) and not isinstance(value, dict):
+            return True
+    return False
 
 
 def entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:

@@ -165,7 +165,7 @@ def _coding(c: dict[str, Any]) -> Coding:
     display = c.get("display")
     return Coding(
         _SYSTEM_ALIASES.get(system, system) if isinstance(system, str) else "",
-        (code.strip() if isinstance(code, str) else str(code)) if isinstance(code, str | int) else "",
+        code.strip() if isinstance(code, str) else str(code) if isinstance(code, int) else "",
         display if isinstance(display, str) else "",
     )
 

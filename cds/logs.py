@@ -44,7 +44,7 @@ def _redact_value(value: Any) -> Any:
         return redact(value)
     if isinstance(value, dict):
         return {k: _redact_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list) or isinstance(value, tuple):
         return [_redact_value(v) for v in value]
     return value
 

@@ -6,7 +6,6 @@ ProcedureRequest, MedicationOrder) from raw JSON; an unknown shape is simply not
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRequest
@@ -15,28 +14,36 @@ from .knowledge import KnowledgeBase, Match, Orderable
 from .record import medication_code
 
 
-@dataclass(slots=True)
 class Ingredient:
-    id: str
-    source: str  # where it came from: "MedicationRequest/mr-1", "order details", "default formulation"
+    """An ingredient an order injects. Per-request classes here have an explicit `__init__` (see `record.Fact`)."""
+
+    __slots__ = ("id", "source")
+
+    def __init__(self, id: str, source: str) -> None:
+        self.id = id
+        self.source = source  # where it came from: "MedicationRequest/mr-1", "order details", "default formulation"
 
 
-@dataclass(slots=True)
 class Order:
-    ref: str
-    label: str
-    matched: Match
-    sites: set[str]  # empty: treatment site unknown
-    ingredients: list[Ingredient] = field(default_factory=list)
-    explicit_ingredients: bool = False
+    __slots__ = ("ref", "label", "matched", "sites", "ingredients", "explicit_ingredients")
+
+    def __init__(self, ref: str, label: str, matched: Match, sites: set[str]) -> None:
+        self.ref = ref
+        self.label = label
+        self.matched = matched
+        self.sites = sites  # empty: treatment site unknown
+        self.ingredients: list[Ingredient] = []
+        self.explicit_ingredients = False
 
 
-@dataclass(slots=True)
 class DraftOrders:
     """The draftOrders Bundle: `Type/id` -> resource, and the entries' fullUrls (urn:uuid, absolute) -> `Type/id`."""
 
-    resources: dict[str, dict[str, Any]]
-    aliases: dict[str, str]
+    __slots__ = ("resources", "aliases")
+
+    def __init__(self, resources: dict[str, dict[str, Any]], aliases: dict[str, str]) -> None:
+        self.resources = resources
+        self.aliases = aliases
 
     def resolve(self, ref: str) -> str | None:
         """The draft order a reference points at (relative, absolute, versioned or a fullUrl), if any."""

@@ -77,12 +77,17 @@ def render(template: str, context: dict[str, Any]) -> str:
     return out
 
 
-@dataclass(slots=True)
 class Gathered:
-    data: dict[str, list[dict[str, Any]]]
-    unavailable: dict[str, str]
-    fetched: set[str]  # keys read from the FHIR server
-    errors: list[str]  # FhirError kinds, for the metrics
+    """What `gather` obtained, per template key. A plain class, like the other per-request ones (`record.Fact`)."""
+
+    __slots__ = ("data", "unavailable", "fetched", "errors")
+
+    def __init__(self, data: dict[str, list[dict[str, Any]]], unavailable: dict[str, str], fetched: set[str],
+                 errors: list[str]) -> None:
+        self.data = data
+        self.unavailable = unavailable
+        self.fetched = fetched  # keys read from the FHIR server
+        self.errors = errors  # FhirError kinds, for the metrics
 
 
 async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSession) -> Gathered:

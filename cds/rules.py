@@ -6,7 +6,6 @@ Pure and synchronous: no I/O, no web framework. Each rule yields at most one Fin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
 
@@ -30,39 +29,53 @@ from .record import AllergyFact, Fact, ObservationFact, PatientRecord
 from .settings import Settings
 
 
-@dataclass(slots=True)
 class Evidence:
-    ref: str
-    what: str
-    matched: str  # "code (SNOMED CT 77386006 Pregnant)", "text (Pregnant)", or "" when the notes say it all
-    status: str = ""
-    when: date | None = None
-    indicator: str = "warning"
-    notes: list[str] = field(default_factory=list)
-    raw: dict[str, Any] | None = None
+    """A record that made a rule fire, as the card cites it.
+
+    Evidence, Finding and Evaluation are plain classes with an explicit `__init__`, not dataclasses: mypyc
+    compiles an explicit `__init__`, a dataclass's generated one stays interpreted (see `record.Fact`).
+    """
+
+    __slots__ = ("ref", "what", "matched", "status", "when", "indicator", "notes", "raw")
+
+    def __init__(self, ref: str, what: str, matched: str, status: str = "", when: date | None = None,
+                 indicator: str = "warning", notes: list[str] | None = None, raw: dict[str, Any] | None = None) -> None:
+        self.ref = ref
+        self.what = what
+        self.matched = matched  # "code (SNOMED CT 77386006 Pregnant)", "text (Pregnant)", or "" when notes say it all
+        self.status = status
+        self.when = when
+        self.indicator = indicator
+        self.notes: list[str] = notes if notes is not None else []
+        self.raw = raw
 
 
-@dataclass(slots=True)
 class Finding:
-    rule: Rule
-    indicator: str
-    evidence: list[Evidence]
-    notes: list[str] = field(default_factory=list)
+    __slots__ = ("rule", "indicator", "evidence", "notes")
+
+    def __init__(self, rule: Rule, indicator: str, evidence: list[Evidence], notes: list[str] | None = None) -> None:
+        self.rule = rule
+        self.indicator = indicator
+        self.evidence = evidence
+        self.notes: list[str] = notes if notes is not None else []
 
 
 def worst(levels: list[str]) -> str:
     return max(levels, key=INDICATOR_RANK.__getitem__)
 
 
-@dataclass(slots=True)
 class Evaluation:
-    kb: KnowledgeBase
-    record: PatientRecord
-    orders: list[Order]
-    today: date
-    settings: Settings
-    findings: dict[str, Finding] = field(default_factory=dict)
-    _by_set: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    __slots__ = ("kb", "record", "orders", "today", "settings", "findings", "_by_set")
+
+    def __init__(self, kb: KnowledgeBase, record: PatientRecord, orders: list[Order], today: date,
+                 settings: Settings) -> None:
+        self.kb = kb
+        self.record = record
+        self.orders = orders
+        self.today = today
+        self.settings = settings
+        self.findings: dict[str, Finding] = {}
+        self._by_set: dict[str, dict[str, list[Any]]] = {}
 
     def members(self, kind: str, vs_id: str) -> list[Any]:
         """Facts of one kind (conditions, observations, medications) in a value set."""
@@ -359,7 +372,7 @@ def _needs(kb: KnowledgeBase, node: Any) -> Needs:
         return frozenset({("observations", kb.vs(node.observation.code).id)})
     if isinstance(node, MedicationLeaf):
         return frozenset({("medications", kb.vs(node.medication.in_).id)})
-    if isinstance(node, AllergyLeaf | IngredientAllergyLeaf):
+    if isinstance(node, AllergyLeaf) or isinstance(node, IngredientAllergyLeaf):
         return frozenset({("allergies", ANY)})
     if isinstance(node, WeanedLeaf):
         return frozenset({("conditions", kb.vs(node.weaned.conditions).id),

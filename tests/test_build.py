@@ -19,7 +19,8 @@ import cds
 
 ROOT = Path(__file__).resolve().parent.parent
 # as in setup.py
-COMPILED = ["fhir", "fhirjson", "hooks", "logs", "matching", "orders", "prefetch", "record", "render", "rules"]
+COMPILED = ["fhir", "fhirjson", "hooks", "logs", "matching", "orders", "prefetch", "record", "render", "rules",
+            "screening"]
 has_build = pytest.mark.skipif(not list(ROOT.glob("cds_native__mypyc*")), reason="no compiled build here")
 
 

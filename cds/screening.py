@@ -1,0 +1,75 @@
+"""One hook call's clinical work, from a validated request to its cards and audit rows.
+
+`app.py` keeps the web framework's wiring (reading the request, errors, the answer); this module, compiled with
+the other screening modules (setup.py), does the rest: find the mesotherapy orders, gather the patient's data
+(prefetch, or the FHIR server), read it, evaluate the rules and render the cards.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from . import metrics
+from .fhirjson import Coded
+from .knowledge import KnowledgeBase
+from .orders import draft_resources, find_mesotherapy
+from .prefetch import TEMPLATES, build_record, gather
+from .render import card
+from .rules import evaluate
+from .security import pseudonym
+from .settings import Settings
+from .store import IssuedCard
+
+log = logging.getLogger("cds")
+
+
+class Screening:
+    """The service's screening, built once at start-up with its knowledge, settings and metric children."""
+
+    def __init__(self, kb: KnowledgeBase, settings: Settings, patient_key: bytes) -> None:
+        self.kb = kb
+        self.settings = settings
+        self.patient_key = patient_key
+        self.prefetch_counters = {o: metrics.PREFETCH.labels(outcome=o) for o in ("prefetch", "fetched", "unavailable")}
+
+    def relevant(self, concept: Coded) -> bool:
+        """Does any rule look at this concept? Records of concepts no rule reads are skipped early."""
+        return bool(self.kb.index.hits(concept))
+
+    async def screen(self, body: dict[str, Any], http: Any, base: str) -> tuple[list[dict[str, Any]], str]:
+        """The cards for a validated hook request, and the patient's pseudonym (for the log and the audit)."""
+        context = body["context"]
+        patient = pseudonym(context["patientId"], self.patient_key)
+        drafts = draft_resources(context["draftOrders"])
+        orders = find_mesotherapy(self.kb, body["hook"], drafts, context.get("selections"))
+        if not orders:
+            return [], patient
+        gathered = await gather(body, self.settings, http)
+        unavailable, fetched = len(gathered.unavailable), len(gathered.fetched)
+        for source, n in (("prefetch", len(TEMPLATES) - unavailable - fetched), ("fetched", fetched),
+                          ("unavailable", unavailable)):
+            if n:
+                self.prefetch_counters[source].inc(n)
+        for kind in gathered.errors:
+            metrics.FHIR_ERRORS.labels(kind=kind).inc()
+        if gathered.unavailable:
+            log.warning("FHIR data not obtained", extra={"hookInstance": body["hookInstance"],
+                                                        "reasons": gathered.unavailable})  # no PHI in reasons
+        record = build_record(gathered, context["patientId"], set(drafts.resources), self.relevant)
+        findings = evaluate(self.kb, record, orders, datetime.now(UTC).date(), self.settings)
+        return [card(f, orders, self.kb, base, record.patient.id) for f in findings], patient
+
+    def issued(self, body: dict[str, Any], cards: list[dict[str, Any]], patient: str) -> list[IssuedCard]:
+        """The audit store's rows for the cards of one answer."""
+        now = datetime.now(UTC)
+        hook, instance = body["hook"], body["hookInstance"]
+        out = []
+        for c in cards:
+            topic = c["source"]["topic"]["code"]
+            out.append(IssuedCard(
+                uuid=c["uuid"], rule_id=topic, rule_version=self.kb.by_id[topic].version, indicator=c["indicator"],
+                hook=hook, hook_instance=instance, patient_pseudonym=patient, issued_at=now,
+                suggestion_uuids=[s["uuid"] for s in c.get("suggestions", [])]))
+        return out
