@@ -59,8 +59,9 @@ class RedactFilter(logging.Filter):
             message = f"{record.msg!r} {record.args!r}"
         record.msg, record.args = redact(message), None
         extras = record.__dict__
-        for key in extras.keys() - _STANDARD:
-            extras[key] = _redact_value(extras[key])
+        for key, value in extras.items():  # values replaced in place: the dict keeps its size
+            if key not in _STANDARD and not isinstance(value, int) and not isinstance(value, float):
+                extras[key] = _redact_value(value)
         return True
 
 

@@ -210,8 +210,11 @@ class Evaluation:
         candidates = self.members("observations", vs.id)
         if not candidates:
             return None
-        latest = max(candidates, key=lambda o: (o.when is not None, o.when))
-        if latest.when is None or latest.when.date() < self.today - timedelta(days=max_age_days):
+        latest: ObservationFact | None = None
+        for o in candidates:  # the first of the latest, as max() would pick; undated ones never count
+            if o.when is not None and (latest is None or latest.when is None or o.when > latest.when):
+                latest = o
+        if latest is None or latest.when is None or latest.when.date() < self.today - timedelta(days=max_age_days):
             return None  # stale or undated: counts as unknown
         return latest
 
