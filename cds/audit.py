@@ -40,10 +40,15 @@ class AuditWriter:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Write everything submitted so far (waits for a write already under way)."""
+        """Write everything submitted so far (waits for a write already under way).
+
+        Cards submitted while it writes wait for the next flush: under steady load, writing until nothing was
+        pending would never end, and the writer would never pause for `interval_s`.
+        """
         async with self._lock:
-            while self._pending:
-                batch, self._pending = self._pending[: self._batch], self._pending[self._batch:]
+            pending, self._pending = self._pending, []
+            for start in range(0, len(pending), self._batch):
+                batch = pending[start:start + self._batch]
                 try:
                     await self._store.record_cards(batch)
                 except Exception as exc:  # noqa: BLE001 - logged and counted; the cards were already answered

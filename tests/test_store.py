@@ -137,6 +137,34 @@ def test_empty_store_summary_and_ping(db_url: str) -> None:
     run(scenario())
 
 
+async def all_cards(store: Store) -> list[Any]:
+    async with store._engine.connect() as conn:
+        return list((await conn.execute(sa.select(issued_cards).order_by(issued_cards.c.uuid))).mappings().all())
+
+
+def test_large_card_batch_is_stored_whole_and_exact(db_url: str) -> None:
+    """Over one INSERT's rows (1,000 on SQLite), a uuid twice in one batch: every row once, each value in place."""
+    async def scenario() -> None:
+        async with await Store.open(db_url) as store:
+            batch = [card(f"L{i:04d}", rule=f"rule-{i % 7}", version=1 + i % 4, indicator=("info", "warning")[i % 2],
+                          hook_instance=f"hi-{i}", patient_pseudonym=None if i % 5 == 0 else f"ps-{i}",
+                          issued_at=T0 + timedelta(seconds=i), suggestion_uuids=[f"L{i}-s"] * (i % 3))
+                     for i in range(1201)]
+            await store.record_cards([*batch, card("L0007", rule="not-stored")])  # L0007 again, in the same call
+            rows = await all_cards(store)
+            await store.record_cards([card(f"L{i:04d}", rule="not-stored") for i in range(995, 1005)])  # ignored
+            assert await all_cards(store) == rows
+        assert len(rows) == 1201
+        for c, row in zip(batch, rows, strict=True):
+            assert (row["uuid"], row["rule_id"], row["rule_version"], row["indicator"], row["hook"],
+                    row["hook_instance"], row["patient_pseudonym"]) == (
+                        c.uuid, c.rule_id, c.rule_version, c.indicator, c.hook, c.hook_instance, c.patient_pseudonym)
+            assert row["issued_at"] == c.issued_at
+            assert json.loads(row["suggestion_uuids"]) == list(c.suggestion_uuids)
+
+    run(scenario())
+
+
 def test_unknown_card_rejects_the_whole_batch(db_url: str) -> None:
     async def scenario() -> None:
         async with await Store.open(db_url) as store:
