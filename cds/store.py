@@ -12,10 +12,11 @@ Concurrency and durability:
   outcomeTimestamp in UTC, override reason and sorted accepted suggestions) with `INSERT .. ON CONFLICT DO
   NOTHING`, which is race-free on both databases.
 - Every committed write is on disk when the call returns: a restart, or a killed process, loses nothing.
-- Issued cards in a SQLite file are written by a thread of their own, on a connection of their own, one
-  multi-row INSERT per batch (its own transaction). Under load the event loop holds the GIL nearly all the time,
-  and a thread waits about 10 ms for it each time it comes back from SQLite: through aiosqlite a batch came back
-  a dozen times or more, and the waiting thread's wake-ups cost the event loop ~40 us of futex calls a request.
+- Issued cards in a SQLite file are written by a thread of their own, on a connection of their own, up to
+  1,000 per multi-row INSERT, each INSERT its own transaction. Under load the event loop holds the GIL nearly
+  all the time, and a thread waits about 10 ms for it each time it comes back from SQLite: through aiosqlite a
+  batch came back a dozen times or more, and the waiting thread's wake-ups cost the event loop ~40 us of futex
+  calls a request.
 
 Failures of the database itself raise `StoreUnavailable` (or `StoreError`), are counted in
 `cds_store_errors_total{operation=...}` and logged without SQL parameters, so no PHI reaches the logs; callers
@@ -174,7 +175,7 @@ class Store:
     def __init__(self, engine: AsyncEngine, card_writer: sa.Engine | None = None) -> None:
         self._engine = engine
         self._card_writer = card_writer  # SQLite files: issued cards go through this engine, in `_card_thread`
-        self._card_thread = ThreadPoolExecutor(1, thread_name_prefix="cds-card-writer") if card_writer else None
+        self._card_thread = ThreadPoolExecutor(1, thread_name_prefix="cds-card-writer")  # its thread starts on use
         self._dialect = engine.dialect.name
         self._insert = pg_dialect.insert if self._dialect == "postgresql" else sqlite_dialect.insert
         # Issued cards are the one write on every hook call: their INSERT is compiled once, and rows go to the
@@ -226,8 +227,8 @@ class Store:
             return await migrations.current_version(self._engine)
 
     async def close(self) -> None:
-        if self._card_thread is not None and self._card_writer is not None:
-            self._card_thread.shutdown(wait=True)  # a batch being written is finished first
+        self._card_thread.shutdown(wait=True)  # a batch being written is finished first
+        if self._card_writer is not None:
             self._card_writer.dispose()
         await self._engine.dispose()
 
@@ -269,7 +270,7 @@ class Store:
                    "patient_pseudonym": c.patient_pseudonym, "issued_at": issued_at,
                    "suggestion_uuids": orjson.dumps(list(c.suggestion_uuids)).decode()}
             rows.append(tuple(row[name] for name in self._card_columns))
-        if self._card_thread is not None and self._card_writer is not None:
+        if self._card_writer is not None:
             async with self._guard("record_cards"):
                 await self._ensure_schema()
                 await asyncio.get_running_loop().run_in_executor(
