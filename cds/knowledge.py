@@ -23,6 +23,7 @@ from .matching import (
     SiteTable,
     TextMatcher,
     ValueSet,
+    abbreviation_pattern,
     icd_key,
     phrases,
     prefix_table,
@@ -113,8 +114,9 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
     neg_before = re.compile("|".join(text_file.negation_before))
     neg_after = re.compile("|".join(text_file.negation_after))
 
-    def matcher(patterns: Iterable[str], exclude: Iterable[str] = ()) -> TextMatcher:
-        return TextMatcher(union_pattern(patterns), neg_before, neg_after, union_pattern(exclude))
+    def matcher(patterns: Iterable[str], exclude: Iterable[str] = (), abbreviations: Iterable[str] = ()) -> TextMatcher:
+        return TextMatcher(union_pattern(patterns), neg_before, neg_after, union_pattern(exclude),
+                           abbreviation_pattern(abbreviations))
 
     valuesets: dict[str, ValueSet] = {}
     for path in sorted((directory / "valuesets").glob("*.yaml")):
@@ -130,7 +132,7 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
                 prefixes=prefix_table(vs.prefixes),
                 excluded=frozenset((system_uri(c.system), c.code) for c in vs.exclude_codes),
                 excluded_prefixes=prefix_table(vs.exclude_prefixes),
-                text=matcher(vs.text, vs.exclude_text),
+                text=matcher(vs.text, vs.exclude_text, vs.abbreviations),
                 about_relatives=vs.about_relatives,
             )
         except re.error as exc:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .fhirjson import ICD10CM, LOINC, RXNORM, SNOMED, Coded, fold, norm_system
+from .fhirjson import ICD10CM, LOINC, RXNORM, SNOMED, Coded, fold, norm_system, strip_accents
 from .schema import BodySite, PrefixEntry
 
 SYSTEM_ALIASES = {
@@ -27,8 +27,12 @@ def system_uri(name: str) -> str:
     return norm_system(SYSTEM_ALIASES.get(name, name))
 
 
+_NOT_ICD_CHARS = re.compile(r"[^0-9A-Z]")
+
+
 def icd_key(code: str) -> str:
-    return code.replace(".", "").upper()
+    """An ICD-10 code as its letters and digits: "E10.9", "e109", "E10.9-", "I25.21†" and "C50.9!" read alike."""
+    return _NOT_ICD_CHARS.sub("", code.upper())
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,21 +46,24 @@ MEMO_LIMIT = 50_000  # distinct texts remembered per matcher; EHR displays repea
 
 @dataclass(slots=True)
 class TextMatcher:
-    """Case- and accent-insensitive phrase search that ignores negated mentions.
+    """Accent-insensitive phrase search that ignores negated mentions.
 
-    Decisions are memoised per text: the same display ("Hypertensive disorder") recurs across every chart, and
-    the answer depends only on the text and the knowledge loaded at start-up.
+    `pattern` runs over lower-cased text; `abbreviations` (problem-list shorthand: MI, CAD, T1DM, "Ca breast")
+    run over the text with its case kept, so that "MI" never fires on "mi" or "Mind". Decisions are memoised
+    per text: the same display ("Hypertensive disorder") recurs across every chart, and the answer depends only
+    on the text and the knowledge loaded at start-up.
     """
 
     pattern: re.Pattern[str] | None
     negation_before: re.Pattern[str]
     negation_after: re.Pattern[str]
     exclude: re.Pattern[str] | None = None
+    abbreviations: re.Pattern[str] | None = None
     memo: dict[str, bool] = field(default_factory=dict)
 
     def search(self, text: str) -> str | None:
         """`text` when it mentions the pattern outside a negation (and no exclusion applies), else None."""
-        if self.pattern is None:
+        if self.pattern is None and self.abbreviations is None:
             return None
         hit = self.memo.get(text)
         if hit is None:
@@ -66,22 +73,35 @@ class TextMatcher:
         return text if hit else None
 
     def _decide(self, text: str) -> bool:
-        assert self.pattern is not None
         folded = fold(text)
         if self.exclude is not None and self.exclude.search(folded):
             return False
-        for m in self.pattern.finditer(folded):
-            clause_start = max(folded.rfind(sep, 0, m.start()) for sep in (".", ";", ",", "|")) + 1
-            before = folded[clause_start : m.start()]
+        if self.pattern is not None and self._affirmed(self.pattern, folded):
+            return True
+        return self.abbreviations is not None and self._affirmed(self.abbreviations, strip_accents(text))
+
+    def _affirmed(self, pattern: re.Pattern[str], text: str) -> bool:
+        """Whether some match of `pattern` in `text` is not negated within its clause."""
+        for m in pattern.finditer(text):
+            clause_start = max(text.rfind(sep, 0, m.start()) for sep in (".", ";", ",", "|")) + 1
+            before = text[clause_start : m.start()].lower()
             word_end = m.end()
-            while word_end < len(folded) and folded[word_end].isalnum():  # "pregnan|t: no" -> after is ": no"
+            while word_end < len(text) and text[word_end].isalnum():  # "pregnan|t: no" -> after is ": no"
                 word_end += 1
-            after_end = min([i for i in (folded.find(s, word_end) for s in ".;,|") if i >= 0] or [len(folded)])
-            after = folded[word_end:after_end]
+            after_end = min([i for i in (text.find(s, word_end) for s in ".;,|") if i >= 0] or [len(text)])
+            after = text[word_end:after_end].lower()
             if self.negation_before.search(before) or self.negation_after.search(after):
                 continue
             return True
         return False
+
+
+def abbreviation_pattern(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """Case-sensitive shorthand, each alternative bounded by non-alphanumerics ("AF" is not in "AFTER")."""
+    items = list(patterns)
+    if not items:
+        return None
+    return re.compile("|".join(f"(?<![A-Za-z0-9])(?:{p})(?![A-Za-z0-9])" for p in items))
 
 
 def union_pattern(patterns: Iterable[str]) -> re.Pattern[str] | None:

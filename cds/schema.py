@@ -46,6 +46,7 @@ class ValueSetFile(Strict):
     codes: list[CodeEntry] = []
     prefixes: list[PrefixEntry] = []
     text: list[str] = []
+    abbreviations: list[str] = []  # case-sensitive shorthand (MI, CAD, T1DM), matched as whole tokens
     exclude_codes: list[CodeEntry] = []
     exclude_prefixes: list[PrefixEntry] = []
     exclude_text: list[str] = []
