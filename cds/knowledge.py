@@ -50,6 +50,8 @@ from .schema import (
     Orderable,
     OrderablesFile,
     OverrideReason,
+    PostpartumLeaf,
+    PostpartumSpec,
     PregnancyUnknownLeaf,
     Rule,
     ServiceFile,
@@ -61,7 +63,7 @@ from .schema import (
 __all__ = [
     "INDICATOR_RANK", "SUMMARY_LIMIT", "AllergyLeaf", "AnyNode", "ConditionLeaf", "IncompleteLeaf", "Indicator",
     "IngredientAllergyLeaf", "KnowledgeBase", "Match", "MedicationLeaf", "ObservationLeaf", "ObservationSpec",
-    "Orderable", "PregnancyUnknownLeaf", "Rule", "WeanedLeaf", "load_knowledge",
+    "Orderable", "PostpartumLeaf", "PostpartumSpec", "PregnancyUnknownLeaf", "Rule", "WeanedLeaf", "load_knowledge",
 ]
 
 
@@ -221,7 +223,9 @@ def _leaf_specs(node: Any) -> Iterable[Any]:
 
 
 VALUE_SET_FIELDS = ("in_", "code", "answer", "conditions", "observation", "feeding_answers", "weaned_answers",
-                    "no_known", "critical_manifestations")
+                    "no_known", "critical_manifestations", "ignore_answers", "non_immune", "environmental",
+                    "deliveries", "pregnancies", "due_dates")
+VALUE_SET_LISTS = ("not_in", "with_codes", "feeding")
 
 
 def _leaf_valuesets(node: Any) -> Iterable[str]:
@@ -229,7 +233,7 @@ def _leaf_valuesets(node: Any) -> Iterable[str]:
         for name, value in spec.__dict__.items():
             if name in VALUE_SET_FIELDS and isinstance(value, str):
                 yield value
-            elif name == "not_in":
+            elif name in VALUE_SET_LISTS:
                 yield from value
             elif name == "recent" and value is not None and value.in_:
                 yield value.in_
@@ -241,6 +245,8 @@ def _leaf_settings(node: Any) -> Iterable[str]:
             yield spec.max_age_setting
         if isinstance(spec, ConditionSpec) and spec.recent:
             yield spec.recent.days_setting
+        if isinstance(spec, PostpartumSpec):
+            yield spec.months_setting
 
 
 def _check_rule(rule: Rule, valuesets: dict[str, ValueSet], reasons: dict[str, OverrideReason],
