@@ -74,6 +74,8 @@ class KnowledgeBase:
     valuesets: dict[str, ValueSet]
     orderables: OrderablesFile
     orderable_text: TextMatcher
+    orderable_exclude: re.Pattern[str] | None
+    orderable_procedure: re.Pattern[str] | None
     ingredients: dict[str, Ingredient]
     ingredient_classes: dict[str, IngredientClass]
     ingredient_codes: dict[tuple[str, str], str]
@@ -102,10 +104,6 @@ def _parse(model: type[BaseModel], path: Path) -> Any:
         return model.model_validate(_read_yaml(path))
     except ValidationError as exc:
         raise KnowledgeError(f"{path}: {exc}") from exc
-
-
-def _word_pattern(words: Iterable[str]) -> re.Pattern[str] | None:
-    return union_pattern(phrases(words))
 
 
 def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
@@ -152,6 +150,9 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
     for ing in ingredients.values():
         if ing.ingredient_class and ing.ingredient_class not in classes:
             raise KnowledgeError(f"ingredients.yaml: {ing.id} names unknown class {ing.ingredient_class!r}")
+        for member in ing.members:
+            if member not in ingredients or ingredients[member].members:
+                raise KnowledgeError(f"ingredients.yaml: group {ing.id} names {member!r}, not a single ingredient")
     for name in orderables.default_formulation + [f for o in orderables.orderables for f in o.formulation]:
         if name not in ingredients:
             raise KnowledgeError(f"orderables.yaml: formulation names unknown ingredient {name!r}")
@@ -170,7 +171,7 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
     sites = SiteTable(
         areas=areas,
         codes={(system_uri(c.system), c.code): s.id for s in areas.values() for c in s.codes},
-        text=[(s.id, p) for s in areas.values() if (p := _word_pattern(s.text)) is not None],
+        text=[(s.id, p) for s in areas.values() if (p := union_pattern(phrases(s.text))) is not None],
         icd_prefixes=sorted(((icd_key(k), v) for k, v in sites_file.icd_prefix_sites.items()),
                             key=lambda kv: -len(kv[0])),
     )
@@ -192,7 +193,9 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
         rules=_evaluation_order(rules),
         valuesets=valuesets,
         orderables=orderables,
-        orderable_text=matcher(orderables.text, orderables.exclude_text),
+        orderable_text=matcher(orderables.text),
+        orderable_exclude=union_pattern(orderables.exclude_text),
+        orderable_procedure=union_pattern(orderables.procedure_text),
         ingredients=ingredients,
         ingredient_classes=classes,
         ingredient_codes={(system_uri(c.system), c.code): i.id for i in ingredients.values() for c in i.codes},

@@ -262,7 +262,8 @@ class SiteTable:
         return any(x in self.lineage(y) or y in self.lineage(x) for x in a for y in b)
 
     def classify(self, value: Coded) -> set[str]:
-        """Treatment-area sites named by codes or words in `value` (empty: none recognised)."""
+        """Treatment-area sites named by codes or words in `value` (empty: none recognised), the most specific
+        ones: "lower leg" names the lower leg, not also the whole leg."""
         found = {self.codes[(c.system, c.code)] for c in value.codings if (c.system, c.code) in self.codes}
         for c in value.codings:
             if c.system == ICD10CM and c.code:
@@ -275,11 +276,22 @@ class SiteTable:
             for text in value.all_texts():
                 folded = fold(text)
                 found.update(site for site, pattern in self.text if pattern.search(folded))
+        if len(found) > 1:
+            ancestors = {a for site in found for a in self.lineage(site) if a != site}
+            found -= ancestors
         return found
 
 
 def phrases(words: Iterable[str]) -> list[str]:
-    return [r"\b" + re.escape(fold(w)) for w in words]
+    """Names as the start of a word ("abdomin" finds abdominal, "hyaluronic" hyaluronate), except where the name
+    ends in a short word, which must end there too ("lip" is not in "lipoma", "vitamin b1" not in "vitamin b12",
+    "vitamin a" not in "vitamin and")."""
+    out = []
+    for w in words:
+        folded = fold(w)
+        last = folded.rsplit(" ", 1)[-1]
+        out.append(rf"\b{re.escape(folded)}\b" if len(last) <= 4 else rf"\b{re.escape(folded)}")
+    return out
 
 
 def prefix_table(entries: Iterable[PrefixEntry]) -> dict[str, tuple[str, ...]]:

@@ -350,7 +350,15 @@ class Evaluation:
                     source = f"{ingredient.display} in {order.ref} (from {ing.source})"
                     if ing.id in allergens:
                         hit = ("critical", f"allergen matches ordered ingredient {source}")
-                    elif ingredient.ingredient_class in classes:
+                    elif allergens.intersection(ingredient.members):  # a group ordered, one member allergen
+                        named = sorted(allergens.intersection(ingredient.members))
+                        names = ", ".join(kb.ingredients[a].display for a in named)
+                        hit = (leaf.ingredient_allergy.related_indicator,
+                               f"the ordered {ingredient.display} may include {names} ({order.ref}, from {ing.source})")
+                    elif any(ing.id in kb.ingredients[a].members for a in allergens):  # a group allergen
+                        hit = (leaf.ingredient_allergy.related_indicator,
+                               f"an allergy to unspecified vitamins or a mix may include ordered ingredient {source}")
+                    elif ingredient.ingredient_class and ingredient.ingredient_class in classes:
                         hit = ("critical", f"allergy to the class of ordered ingredient {source}")
                     elif ingredient.ingredient_class and any(
                             kb.ingredients[a].ingredient_class == ingredient.ingredient_class for a in allergens):

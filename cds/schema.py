@@ -67,7 +67,8 @@ class OrderablesFile(Strict):
     orderables: list[Orderable]
     other_codes: list[CodeEntry] = []
     text: list[str]
-    exclude_text: list[str] = []
+    exclude_text: list[str] = []  # an order that names only these (a leaflet, a consultation) is not the procedure
+    procedure_text: list[str] = []  # ... unless it also names a session, a package, an injection, a product
     default_formulation: list[str]
 
 
@@ -81,6 +82,7 @@ class Ingredient(Strict):
     id: str
     display: str
     ingredient_class: str | None = Field(default=None, alias="class")
+    members: list[str] = []  # a group standing for unspecified contents ("vitamins"): the ingredients it may hold
     codes: list[CodeEntry] = []
     synonyms: list[str]
 
