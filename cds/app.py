@@ -146,7 +146,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         store = await _open_store(settings)
         connector = aiohttp.TCPConnector(limit=512, limit_per_host=128, keepalive_timeout=30)
         async with httpx.AsyncClient(follow_redirects=False) as http, \
-                aiohttp.ClientSession(connector=connector, raise_for_status=False, trust_env=False) as fhir_http:
+                aiohttp.ClientSession(connector=connector, raise_for_status=False, trust_env=False,
+                                      auto_decompress=False) as fhir_http:  # fhir.py inflates, under a cap
             app.state.http = http  # JWKS fetches
             app.state.fhir_http = fhir_http
             app.state.store = store

@@ -29,7 +29,7 @@ PlatformCollector(registry=REGISTRY)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.5, 2.0)
 
 PREFETCH_OUTCOMES = ("prefetch", "fetched", "unavailable")
-FHIR_ERROR_KINDS = ("timeout", "http_error", "unreachable", "foreign_link")
+FHIR_ERROR_KINDS = ("timeout", "http_error", "unreachable", "foreign_link", "too_large")
 FEEDBACK_OUTCOMES = ("accepted", "overridden")
 STORE_OPERATIONS = ("open", "ping", "record_cards", "record_feedback", "summary", "claim_jti")
 
@@ -45,7 +45,8 @@ PREFETCH = Counter(
     "unavailable (neither).",
     ["outcome"], registry=REGISTRY)
 FHIR_ERRORS = Counter(
-    "cds_fhir_errors_total", "Failed FHIR reads, by kind: timeout, http_error, unreachable, foreign_link.",
+    "cds_fhir_errors_total",
+    "Failed FHIR reads, by kind: timeout, http_error, unreachable, foreign_link, too_large (bytes or entries).",
     ["kind"], registry=REGISTRY)
 FEEDBACK = Counter(
     "cds_feedback_total", "Feedback entries received, by outcome.", ["outcome"], registry=REGISTRY)

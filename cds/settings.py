@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     fhir_timeout_s: float = 0.5
     deadline_s: float = 0.8
     fhir_max_pages: int = 20
+    fhir_max_bytes: int = 10_000_000  # per FHIR answer, as sent and as inflated
+    fhir_max_entries: int = 10_000  # per search, next pages counted; more: screened this far, and said so
 
     # clinical policy (knowledge parameters a clinic can tune)
     weaning_wait_months: int = 6
