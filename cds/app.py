@@ -32,6 +32,7 @@ from .errors import (
     ServiceNotFound,
 )
 from .feedback import parse_feedback
+from .fhirjson import set_text_limit
 from .hooks import SERVED_HOOKS, validate_request
 from .knowledge import KnowledgeBase, load_knowledge
 from .prefetch import TEMPLATES
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     problems = check_production_settings(settings)
     if problems:
         raise ConfigError("; ".join(problems))
+    set_text_limit(settings.max_text_chars)
     kb = load_knowledge(settings.knowledge_dir, env=settings.env)
     discovery = discovery_document(kb)
     screening = Screening(kb, settings, pseudonym_key(settings))

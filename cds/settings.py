@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     childbearing_age_max: int = 55
 
     max_body_bytes: int = 1_048_576
+    max_text_chars: int = 4096  # a longer text in a record is matched on its first part only, never memoised
 
     @field_validator("allowed_fhir_servers", mode="before")
     @classmethod
