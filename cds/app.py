@@ -155,7 +155,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             app.state.store = store
             replay = FallbackReplayCache(store, _replay_fallback)
             app.state.verifier = ClientVerifier(settings, http, replay=replay) if settings.jwt_required else None
-            app.state.audit = AuditWriter(store)
+            app.state.audit = AuditWriter(store, max_pending=settings.audit_max_pending,
+                                          spool=settings.audit_spool_path)
             app.state.audit.start()
             gc.collect()
             gc.freeze()  # start-up objects (models, knowledge) never need scanning again
@@ -248,8 +249,14 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         if service_id != SERVICE_ID:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         entries = parse_feedback(await read_json(request, settings.max_body_bytes))
+        audit: AuditWriter = request.app.state.audit
         try:
-            await request.app.state.audit.flush()  # cards this worker issued a moment ago are stored first
+            await audit.flush()  # cards this worker issued a moment ago are stored first
+            if audit.pending(entries):  # a card still waiting for the store (an outage): held until it is written
+                audit.hold(entries)
+                for e in entries:
+                    metrics.FEEDBACK.labels(outcome=e.outcome).inc()
+                return FhirJSON({"received": len(entries), "stored": 0, "held": len(entries)})
             try:
                 stored = await request.app.state.store.record_feedback(entries)
             except UnknownCard:  # possibly issued by another worker whose batch is still being written

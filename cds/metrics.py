@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -53,6 +54,12 @@ FEEDBACK = Counter(
 STORE_ERRORS = Counter(
     "cds_store_errors_total", "Audit store operations that failed (database unreachable or erroring).",
     ["operation"], registry=REGISTRY)
+AUDIT_BACKLOG = Gauge(
+    "cds_audit_backlog", "Issued cards (kind=cards) and feedback entries (kind=feedback) not yet in the audit "
+    "store: kept in memory and in the local spool file while the store is down.", ["kind"], registry=REGISTRY)
+AUDIT_DROPPED = Counter(
+    "cds_audit_dropped_total", "Issued cards or feedback entries given up: the backlog was full, or the store "
+    "refused them for a reason other than an outage.", registry=REGISTRY)
 
 # Export the known label sets at zero, so dashboards and rate() see the series before the first event.
 for _outcome in PREFETCH_OUTCOMES:
@@ -61,6 +68,8 @@ for _kind in FHIR_ERROR_KINDS:
     FHIR_ERRORS.labels(kind=_kind)
 for _outcome in FEEDBACK_OUTCOMES:
     FEEDBACK.labels(outcome=_outcome)
+for _kind in ("cards", "feedback"):
+    AUDIT_BACKLOG.labels(kind=_kind)
 for _operation in STORE_OPERATIONS:
     STORE_ERRORS.labels(operation=_operation)
 

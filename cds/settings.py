@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # Storage (issue 5): SQLite in data_dir unless a database URL is given
     data_dir: Path = ROOT / "data"
     database_url: str | None = None
+    audit_spool: Path | None = None  # cards and feedback not yet stored (store outage); default data_dir/...
+    audit_max_pending: int = 100_000  # cards kept while the store is down; beyond it the oldest are dropped
 
     # FHIR access (CDS Hooks "FHIR Resource Access")
     allowed_fhir_servers: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -92,6 +94,10 @@ class Settings(BaseSettings):
                     return driver + url[len(plain):]
             return url
         return f"sqlite+aiosqlite:///{self.data_dir / 'cds.sqlite3'}"
+
+    @property
+    def audit_spool_path(self) -> Path:
+        return self.audit_spool or self.data_dir / "audit-spool.jsonl"
 
     @property
     def loopback_fhir_allowed(self) -> bool:

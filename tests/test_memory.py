@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
+from test_hostile_fhir import rss_kib
 
 from conftest import Service, load_fixture
-from test_hostile_fhir import rss_kib
 from test_scenarios import topics
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
