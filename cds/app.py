@@ -29,6 +29,7 @@ from .errors import (
     InvalidRequest,
     NotAuthenticated,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceNotFound,
 )
 from .feedback import parse_feedback
@@ -59,7 +60,8 @@ class FhirJSON(JSONResponse):
 
 
 def outcome_response(error: CDSError) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, NotAuthenticated) else None
+    headers = ({"WWW-Authenticate": "Bearer"} if isinstance(error, NotAuthenticated) else
+               {"Connection": "close"} if isinstance(error, RequestTimeout) else None)
     return FhirJSON(error.to_operation_outcome(), status_code=error.status, media_type="application/fhir+json",
                     headers=headers)
 
@@ -219,7 +221,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         if service_id != SERVICE_ID:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         started = time.perf_counter()
-        body = validate_request(await read_json(request, settings.max_body_bytes))
+        body = validate_request(await read_json(request, settings.max_body_bytes, settings.http_body_timeout_s))
         try:
             cards, patient = await screening.screen(body, request.app.state.fhir_http, base_url(request))
         except DataUnavailable as exc:
@@ -248,7 +250,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     async def post_feedback(service_id: str, request: Request, claims: Client) -> Response:
         if service_id != SERVICE_ID:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
-        entries = parse_feedback(await read_json(request, settings.max_body_bytes))
+        entries = parse_feedback(await read_json(request, settings.max_body_bytes, settings.http_body_timeout_s))
         audit: AuditWriter = request.app.state.audit
         try:
             await audit.flush()  # cards this worker issued a moment ago are stored first
@@ -335,8 +337,22 @@ async def _open_store(settings: Settings) -> Store:
         return await Store.open(settings.sqlalchemy_url, migrate=False)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON: 413 over the limit, 400 when it is not JSON."""
+async def read_json(request: Request, limit: int, timeout_s: float = 10.0) -> Any:
+    """The request body as JSON: 413 over the limit, 408 when it does not arrive in time, 400 when not JSON."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            chunks = await _read_body(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    if not chunks:
+        raise InvalidRequest("the request body is empty; a JSON object is required")
+    try:
+        return orjson.loads(chunks)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit():
         if int(declared) > limit:
@@ -349,12 +365,7 @@ async def read_json(request: Request, limit: int) -> Any:
             if len(buffer) > limit:
                 raise PayloadTooLarge(f"request body is over {limit} bytes")
         chunks = bytes(buffer)
-    if not chunks:
-        raise InvalidRequest("the request body is empty; a JSON object is required")
-    try:
-        return orjson.loads(chunks)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    return chunks
 
 
 def _page(title: str, body: str) -> str:

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     childbearing_age_max: int = 55
 
     max_body_bytes: int = 1_048_576
+    # HTTP limits (cds/server.py, uvicorn; deploy/README.md maps them to a reverse proxy)
+    http_max_headers: int = 100
+    http_max_head_bytes: int = 32_768  # request line and headers together
+    http_head_timeout_s: float = 10.0  # from the request's first byte (or the connection's opening) to its last header
+    http_body_timeout_s: float = 10.0  # for the whole body of a hook or feedback call
+    http_keepalive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_text_chars: int = 4096  # a longer text in a record is matched on its first part only, never memoised
 
     @field_validator("allowed_fhir_servers", mode="before")
