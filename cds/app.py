@@ -8,7 +8,7 @@ import html
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any
 
 import aiohttp
@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from . import BUILD, COMPILED, __version__, metrics
-from .audit import AuditWriter
+from .audit import AuditWriter, prune_forever
 from .errors import (
     CDSError,
     ConfigError,
@@ -160,11 +160,16 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             app.state.audit = AuditWriter(store, max_pending=settings.audit_max_pending,
                                           spool=settings.audit_spool_path)
             app.state.audit.start()
+            pruner = asyncio.create_task(prune_forever(store, settings.audit_retention_days,
+                                                       settings.audit_prune_interval_s), name="audit-retention")
             gc.collect()
             gc.freeze()  # start-up objects (models, knowledge) never need scanning again
             try:
                 yield
             finally:
+                pruner.cancel()
+                with suppress(asyncio.CancelledError):
+                    await pruner
                 await app.state.audit.close()
                 await store.close()
 

@@ -32,7 +32,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.
 PREFETCH_OUTCOMES = ("prefetch", "fetched", "unavailable")
 FHIR_ERROR_KINDS = ("timeout", "http_error", "unreachable", "foreign_link", "too_large")
 FEEDBACK_OUTCOMES = ("accepted", "overridden")
-STORE_OPERATIONS = ("open", "ping", "record_cards", "record_feedback", "summary", "claim_jti")
+STORE_OPERATIONS = ("open", "ping", "record_cards", "record_feedback", "summary", "claim_jti", "prune")
 
 REQUEST_LATENCY = Histogram(
     "cds_request_duration_seconds", "Time to answer a CDS Hooks service request, by hook.",

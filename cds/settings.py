@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     data_dir: Path = ROOT / "data"
     database_url: str | None = None
     audit_spool: Path | None = None  # cards and feedback not yet stored (store outage); default data_dir/...
+    # Audit retention: issued cards and the feedback on them are deleted this long after issue (README: why 7 years)
+    audit_retention_days: float = 2557.0  # 7 years
+    audit_prune_interval_s: float = 3600.0
     audit_max_pending: int = 100_000  # cards kept while the store is down; beyond it the oldest are dropped
 
     # FHIR access (CDS Hooks "FHIR Resource Access")
