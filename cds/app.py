@@ -36,6 +36,7 @@ from .feedback import parse_feedback
 from .fhirjson import set_text_limit
 from .hooks import SERVED_HOOKS, validate_request
 from .knowledge import KnowledgeBase, load_knowledge
+from .openapi import document
 from .prefetch import TEMPLATES
 from .screening import Screening
 from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym_key
@@ -308,6 +309,12 @@ def create_app(settings: Settings | None = None) -> CDSApp:
                 f"<h2>Source</h2><p>{e(rule.source.citation)}</p><blockquote>{e(rule.source.quote)}</blockquote>"
                 f"<p>Seed article: <code>{e(rule.source.seed)}</code></p>")
         return HTMLResponse(_page(rule.title, body))
+
+    openapi_document = document(SERVICE_ID)
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return FhirJSON(openapi_document, media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> Response:
