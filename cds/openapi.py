@@ -129,7 +129,7 @@ _AUTH_ERRORS = {"401": _outcome("a JWT is required and was missing or invalid (o
 def document(service_id: str) -> dict[str, Any]:
     service_path = {"name": "service_id", "in": "path", "required": True,
                     "schema": {"type": "string", "enum": [service_id]}}
-    security = [{"ehrJwt": []}]
+    security: list[dict[str, list[str]]] = [{"ehrJwt": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "Mesotherapy contraindication CDS service", "version": __version__,

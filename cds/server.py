@@ -97,7 +97,7 @@ class LimitedHttpTools(HttpToolsProtocol):
         self._head_timer = None
         if self._head_done or self.transport.is_closing():
             return
-        if self._head_bytes or self._header_count or getattr(self, "url", b""):
+        if self._head_bytes or self._header_count:
             self._refuse(408, "Request Timeout")
         else:  # nothing sent: just close
             self._refused = True
