@@ -223,8 +223,8 @@ def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str],
     """
     patients = [r for r in gathered.data.get("patient", []) if r.get("resourceType") == "Patient"]
     if not patients:
-        sent = {r.get("resourceType") for r in gathered.data.get("patient", [])}
-        kinds = sorted(k for k in sent if isinstance(k, str) and k.isalnum())
+        kinds = sorted({k for r in gathered.data.get("patient", []) if isinstance(k := r.get("resourceType"), str)
+                        and k.isalnum()})
         why = gathered.unavailable.get("patient", f"the EHR sent {', '.join(kinds)} where a Patient belongs"
                                        if kinds else "the EHR sent no data for the patient")
         raise DataUnavailable(f"The Patient resource could not be obtained: {why}.", expression="prefetch.patient")
