@@ -32,15 +32,15 @@ from .errors import (
     ServiceNotFound,
 )
 from .feedback import parse_feedback
-from .hooks import SERVED_HOOKS, validate_request
+from .hooks import LEGACY_SERVICE, SERVED_HOOKS, SERVICE_HOOKS, SERVICES, validate_request
 from .knowledge import KnowledgeBase, load_knowledge
-from .prefetch import TEMPLATES
+from .prefetch import HOOK_TEMPLATES
 from .screening import Screening
 from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym_key
 from .settings import Settings, get_settings
 from .store import Store, StoreError, UnknownCard
 
-SERVICE_ID = "mesotherapy-contraindications"
+SERVICE_ID = LEGACY_SERVICE  # the first service id; EHRs registered against it keep calling it for order hooks
 AUDIT_GRACE_S = 0.3  # feedback naming an unknown card is retried once after this: another worker may be writing it
 log = logging.getLogger("cds")
 
@@ -102,13 +102,18 @@ class CDSApp(FastAPI):
         await response(scope, receive, send)
 
 
+HOOK_TITLES = {"order-select": "when a mesotherapy order is selected", "order-sign": "when orders are signed",
+               "patient-view": "when the chart is opened, for a planned mesotherapy",
+               "appointment-book": "when a mesotherapy appointment is booked"}
+
+
 def discovery_document(kb: KnowledgeBase) -> dict[str, Any]:
-    prefetch = {t.key: t.query for t in TEMPLATES}
+    """One service per hook, each with its own id and the prefetch its hook needs (the legacy id is not listed)."""
     s = kb.service
     return {"services": [
-        {"hook": hook, "id": SERVICE_ID, "title": s.title, "description": s.description,
-         "usageRequirements": s.usage_requirements, "prefetch": prefetch}
-        for hook in SERVED_HOOKS
+        {"hook": hook, "id": sid, "title": f"{s.title} ({HOOK_TITLES[hook]})", "description": s.description,
+         "usageRequirements": s.usage_requirements, "prefetch": {t.key: t.query for t in HOOK_TEMPLATES[hook]}}
+        for sid, hook in SERVICES.items()
     ]}
 
 
@@ -212,10 +217,11 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         """The hook endpoint, a plain Starlette route: FastAPI's parameter solving costs more than the work."""
         await client_claims(request)
         service_id = request.path_params["service_id"]
-        if service_id != SERVICE_ID:
+        served = SERVICE_HOOKS.get(service_id)
+        if served is None:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         started = time.perf_counter()
-        body = validate_request(await read_json(request, settings.max_body_bytes))
+        body = validate_request(await read_json(request, settings.max_body_bytes), served)
         try:
             cards, patient = await screening.screen(body, request.app.state.fhir_http, base_url(request))
         except DataUnavailable as exc:
@@ -237,12 +243,13 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     app.add_route("/cds-services/{service_id}/", call_service, methods=["POST"])
     if not settings.cors_origins:  # CORS headers come from middleware: with CORS on, the router serves hooks
         app.hook = call_service
-        app.hook_paths = {f"/cds-services/{SERVICE_ID}{slash}": {"service_id": SERVICE_ID} for slash in ("", "/")}
+        app.hook_paths = {f"/cds-services/{sid}{slash}": {"service_id": sid}
+                          for sid in SERVICE_HOOKS for slash in ("", "/")}
 
     @app.post("/cds-services/{service_id}/feedback")
     @app.post("/cds-services/{service_id}/feedback/", include_in_schema=False)
     async def post_feedback(service_id: str, request: Request, claims: Client) -> Response:
-        if service_id != SERVICE_ID:
+        if service_id not in SERVICE_HOOKS:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         entries = parse_feedback(await read_json(request, settings.max_body_bytes))
         try:
@@ -288,8 +295,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
                 + (f"<p><em>Extension beyond the source articles:</em> {e(rule.extension)}</p>" if rule.extension
                    else "")
                 + f"<h2>Why it matters</h2><p>{e(rule.rationale)}</p><h2>What to do</h2><p>{e(rule.advice)}</p>"
-                f"<h2>Source</h2><p>{e(rule.source.citation)}</p><blockquote>{e(rule.source.quote)}</blockquote>"
-                f"<p>Seed article: <code>{e(rule.source.seed)}</code></p>")
+                f"<h2>Source</h2><p>{e(rule.source.citation)}</p><blockquote>{e(rule.source.quote)}</blockquote>")
         return HTMLResponse(_page(rule.title, body))
 
     @app.get("/healthz")

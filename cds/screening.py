@@ -14,8 +14,16 @@ from typing import Any
 from . import metrics
 from .fhirjson import Coded
 from .knowledge import KnowledgeBase
-from .orders import draft_resources, find_mesotherapy
-from .prefetch import TEMPLATES, build_record, gather
+from .hooks import ORDER_HOOKS
+from .orders import (
+    booked_mesotherapy,
+    booking_resources,
+    draft_resources,
+    find_mesotherapy,
+    planned_mesotherapy,
+    unresolved_based_on,
+)
+from .prefetch import PLANNED_TEMPLATES, TEMPLATES, Gathered, Template, build_record, gather
 from .render import card
 from .rules import evaluate
 from .security import pseudonym
@@ -41,25 +49,50 @@ class Screening:
     async def screen(self, body: dict[str, Any], http: Any, base: str) -> tuple[list[dict[str, Any]], str]:
         """The cards for a validated hook request, and the patient's pseudonym (for the log and the audit)."""
         context = body["context"]
+        hook = body["hook"]
         patient = pseudonym(context["patientId"], self.patient_key)
-        drafts = draft_resources(context["draftOrders"])
-        orders = find_mesotherapy(self.kb, body["hook"], drafts, context.get("selections"))
+        today = datetime.now(UTC).date()
+        if hook in ORDER_HOOKS:
+            drafts = draft_resources(context["draftOrders"])
+            orders = find_mesotherapy(self.kb, hook, drafts, context.get("selections"))
+            draft_ids = set(drafts.resources)
+        elif hook == "appointment-book":
+            booking = booking_resources(context["appointments"])
+            orders = booked_mesotherapy(self.kb, booking, [])
+            if len(orders) < sum(r.get("resourceType") == "Appointment" for r in booking.values()) \
+                    and unresolved_based_on(booking):  # an appointment's order is elsewhere: read planned orders
+                planned = await self._gather(body, http, PLANNED_TEMPLATES[hook])
+                orders = booked_mesotherapy(self.kb, booking, planned.data.get("plannedOrders", []))
+            draft_ids = set(booking) | {o.based_on for o in orders if o.based_on}
+        else:  # patient-view: what is planned is read first; the record only when mesotherapy is planned
+            planned = await self._gather(body, http, PLANNED_TEMPLATES[hook])
+            if planned.unavailable:
+                log.warning("planned procedures not obtained", extra={"hookInstance": body["hookInstance"],
+                                                                      "reasons": planned.unavailable})
+            orders = planned_mesotherapy(self.kb, planned.data.get("plannedOrders", []),
+                                         planned.data.get("appointments", []), today,
+                                         self.settings.planned_lookahead_days)
+            draft_ids = {o.ref for o in orders} | {o.based_on for o in orders if o.based_on}
         if not orders:
             return [], patient
-        gathered = await gather(body, self.settings, http)
+        gathered = await self._gather(body, http, TEMPLATES)
+        if gathered.unavailable:
+            log.warning("FHIR data not obtained", extra={"hookInstance": body["hookInstance"],
+                                                        "reasons": gathered.unavailable})  # no PHI in reasons
+        record = build_record(gathered, context["patientId"], draft_ids, self.relevant)
+        findings = evaluate(self.kb, record, orders, today, self.settings)
+        return [card(f, orders, self.kb, base, record.patient.id, hook=hook) for f in findings], patient
+
+    async def _gather(self, body: dict[str, Any], http: Any, templates: tuple[Template, ...]) -> Gathered:
+        gathered = await gather(body, self.settings, http, templates)
         unavailable, fetched = len(gathered.unavailable), len(gathered.fetched)
-        for source, n in (("prefetch", len(TEMPLATES) - unavailable - fetched), ("fetched", fetched),
+        for source, n in (("prefetch", len(templates) - unavailable - fetched), ("fetched", fetched),
                           ("unavailable", unavailable)):
             if n:
                 self.prefetch_counters[source].inc(n)
         for kind in gathered.errors:
             metrics.FHIR_ERRORS.labels(kind=kind).inc()
-        if gathered.unavailable:
-            log.warning("FHIR data not obtained", extra={"hookInstance": body["hookInstance"],
-                                                        "reasons": gathered.unavailable})  # no PHI in reasons
-        record = build_record(gathered, context["patientId"], set(drafts.resources), self.relevant)
-        findings = evaluate(self.kb, record, orders, datetime.now(UTC).date(), self.settings)
-        return [card(f, orders, self.kb, base, record.patient.id) for f in findings], patient
+        return gathered
 
     def issued(self, body: dict[str, Any], cards: list[dict[str, Any]], patient: str) -> list[IssuedCard]:
         """The audit store's rows for the cards of one answer."""

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = 1_048_576
 
+    # Hooks beyond orders, and repeated interruptions (issue 16)
+    planned_lookahead_days: int = Field(default=180, ge=1)  # patient-view: plans dated up to this far ahead
+    answered_card_memory_hours: float = Field(default=24.0, ge=0)  # 0: every card is shown at every hook
+
     @field_validator("allowed_fhir_servers", mode="before")
     @classmethod
     def _parse_servers(cls, value: Any) -> Any:

@@ -46,19 +46,25 @@ def assert_valid_card(card: dict[str, Any], draft_refs: set[str]) -> None:
         assert reason["system"] and reason["code"] and reason["display"]
     for link in card["links"]:
         assert link["label"] and link["type"] == "absolute" and urlsplit(link["url"]).scheme in ("http", "https")
-    assert "**What was found**" in card["detail"]
+    assert card["detail"].startswith("**Found:**")
 
 
-def test_discovery_lists_the_service_for_both_hooks(client: httpx.Client) -> None:
+RECORD_KEYS = {"patient", "conditions", "allergies", "pregnancyStatus", "breastfeedingStatus", "medicationRequests",
+               "medicationStatements"}
+
+
+def test_discovery_lists_one_service_per_hook(client: httpx.Client) -> None:
     response = client.get("/cds-services")
     assert response.status_code == 200
     services = response.json()["services"]
     assert [(s["id"], s["hook"]) for s in services] == [
-        ("mesotherapy-contraindications", "order-select"), ("mesotherapy-contraindications", "order-sign")]
+        ("mesotherapy-order-select", "order-select"), ("mesotherapy-order-sign", "order-sign"),
+        ("mesotherapy-patient-view", "patient-view"), ("mesotherapy-appointment-book", "appointment-book")]
+    planned = {"order-select": set(), "order-sign": set(), "patient-view": {"plannedOrders", "appointments"},
+               "appointment-book": {"plannedOrders"}}
     for s in services:
         assert s["title"] and s["description"] and s["usageRequirements"]
-        assert set(s["prefetch"]) == {"patient", "conditions", "allergies", "pregnancyStatus", "breastfeedingStatus",
-                                      "medicationRequests", "medicationStatements"}
+        assert set(s["prefetch"]) == RECORD_KEYS | planned[s["hook"]]
         for template in s["prefetch"].values():
             assert RESTRICTED_QUERY.match(template), template
             assert "draftOrders" not in template and "selections" not in template
@@ -101,8 +107,11 @@ def test_card_detail_cites_evidence_and_source(client: httpx.Client) -> None:
     response = client.post(SERVICE, json=scenario_request("pregnancy-active-condition-snomed"))
     card = response.json()["cards"][0]
     assert card["summary"] == "Mesotherapy contraindicated: active pregnancy"
-    assert "Condition/" in card["detail"] and "77386006" in card["detail"]
-    assert "matched code" in card["detail"] and "Seed article" in card["detail"]
+    detail = card["detail"]
+    assert detail.startswith("**Found:** Pregnancy - active, confirmed, since ")
+    last = detail.splitlines()[-1]
+    assert "Condition/" in last and "77386006" in last and "(by code: " in last
+    assert "Source: the hospital" in last and "the clinic's article \"Can I consider" in last and "the hospital's article (Tam Anh General Hospital" in last
     page = httpx.get(card["links"][0]["url"])
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "version 1" in page.text and "absolute contraindications" in page.text
