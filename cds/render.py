@@ -45,8 +45,18 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 WHY_SENTENCES = 2  # a card fits a narrow EHR side panel: the why in two sentences, the rest on the rule's page
 
 
-def first_sentences(text: str, n: int = WHY_SENTENCES) -> str:
-    return " ".join(_SENTENCE_END.split(" ".join(text.split()))[:n])
+WHY_CHARS = 220  # the second sentence is kept only while the why stays this short
+
+
+def first_sentences(text: str, n: int = WHY_SENTENCES, limit: int = WHY_CHARS) -> str:
+    """The first sentence, and the next ones up to `n` while the text stays within `limit` characters."""
+    sentences = _SENTENCE_END.split(" ".join(text.split()))
+    out = sentences[0]
+    for more in sentences[1:n]:
+        if len(out) + 1 + len(more) > limit:
+            break
+        out = f"{out} {more}"
+    return out
 
 
 class _RuleText:
@@ -55,7 +65,7 @@ class _RuleText:
     The dicts and lists here go into every card of the rule as they are; cards are serialised, never changed.
     """
 
-    __slots__ = ("advice", "source", "topic", "override_reasons", "link_label")
+    __slots__ = ("advice", "source", "topic", "override_reasons", "link_label")  # source: the card's source.label
 
     def __init__(self, rule: Rule, kb: KnowledgeBase) -> None:
         service = kb.service
@@ -65,7 +75,8 @@ class _RuleText:
         self.advice = f"**Why:** {why}\n\n**What to do:** {' '.join(rule.advice.split())}"
         citation = " ".join(rule.source.citation.split())
         named = [a for a in service.sources if a.lower() in citation.lower()]  # the articles, by their names
-        self.source = f"Source: {'; '.join(named) if named else citation}"
+        label = "; ".join(named) if named else citation
+        self.source = label[:1].upper() + label[1:]
         self.topic = {"system": service.topic_system, "code": rule.id, "display": rule.title}
         self.override_reasons = [
             {"system": service.override_reason_system, "code": code, "display": kb.override_reasons[code].display}
@@ -108,7 +119,7 @@ def card(finding: Finding, orders: list[Order], kb: KnowledgeBase, base_url: str
         "summary": summary,
         "indicator": finding.indicator,
         "detail": _detail(finding, orders, text, hook),
-        "source": {"label": kb.service.source_label, "url": f"{base_url}/knowledge", "topic": text.topic},
+        "source": {"label": text.source, "url": f"{base_url}/knowledge/{rule.id}", "topic": text.topic},
     }
     if suggestions:
         out["suggestions"] = suggestions
@@ -145,6 +156,7 @@ def _consultation_first(patient_id: str, new_uuid: Callable[[], str]) -> dict[st
                          "resource": resource}]}
 
 
+_WHERE = re.compile(r" in ([A-Za-z]+/[A-Za-z0-9\-.]+) \(from ([^)]*)\)")  # an ingredient's order and source: last line
 _MATCHED = re.compile(r"^(code|text|answer) \((.*)\)$")
 _LABELS = {"MedicationRequest": "prescription", "MedicationOrder": "prescription",
            "MedicationStatement": "on the medication list"}
@@ -168,7 +180,7 @@ def _found(e: Evidence) -> str:
         else:
             verb = "recorded"
         words.append(f"{verb} {e.when.isoformat()}")
-    words.extend(md(n) for n in e.notes)
+    words.extend(md(_WHERE.sub("", n)) for n in e.notes)
     if e.raw is not None and validate_evidence(e.raw) is not None:
         words.append("this record did not pass FHIR validation; read as far as possible")
     what = f"Allergy to {md(e.what)}" if rtype == "AllergyIntolerance" else md(e.what)
@@ -185,12 +197,16 @@ def _refs(finding: Finding, orders: list[Order]) -> str:
     parts = []
     for e in finding.evidence:
         ref = e.ref if "/" in e.ref else ""
-        how = md(_MATCHED.sub(r"by \1: \2", e.matched)) if e.matched else ""
+        how = _MATCHED.sub(r"by \1: \2", e.matched) if e.matched else ""
         problem = validate_evidence(e.raw) if e.raw is not None else None
         if problem is not None:
-            how = f"{how}; invalid: {md(problem[:80])}" if how else f"invalid: {md(problem[:80])}"
+            how = f"{how}; invalid: {problem[:80]}" if how else f"invalid: {problem[:80]}"
+        for n in e.notes:
+            for order_ref, origin in _WHERE.findall(n):
+                how = f"{how}; ingredient of {order_ref} from {origin}" if how else \
+                    f"ingredient of {order_ref} from {origin}"
         if ref:
-            parts.append(f"{md(ref)} ({how})" if how else md(ref))
+            parts.append(f"{md(ref)} ({md(how)})" if how else md(ref))
     for o in orders:
         via = f" via {md(o.based_on)}" if o.based_on else ""
         parts.append(f"{md(o.ref)}{via} (by {o.matched.by})")
@@ -210,5 +226,5 @@ def _detail(finding: Finding, orders: list[Order], text: _RuleText, hook: str) -
     lines.append("")
     for note in finding.notes:
         lines += [f"> {md(note)}", ""]
-    lines += [text.advice, "", f"_Records: {_refs(finding, orders)}. {md(text.source)}_"]
+    lines += [text.advice, "", f"_Records: {_refs(finding, orders)}._"]
     return "\n".join(lines)

@@ -111,7 +111,10 @@ def test_card_detail_cites_evidence_and_source(client: httpx.Client) -> None:
     assert detail.startswith("**Found:** Pregnancy - active, confirmed, since ")
     last = detail.splitlines()[-1]
     assert "Condition/" in last and "77386006" in last and "(by code: " in last
-    assert "Source: the hospital" in last and "the clinic's article \"Can I consider" in last and "the hospital's article (Tam Anh General Hospital" in last
+    label = card["source"]["label"]  # CDS Hooks: the primary source of the guidance, named as a reader looks it up
+    assert label.startswith("The hospital's article (Tam Anh General Hospital, Hanoi, Department of Aesthetics")
+    assert "the clinic's article \"Can I consider the fractional microneedle mesotherapy during pregnancy?\"" in label
+    assert card["source"]["url"] == card["links"][0]["url"]
     page = httpx.get(card["links"][0]["url"])
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "version 1" in page.text and "absolute contraindications" in page.text
