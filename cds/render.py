@@ -219,10 +219,10 @@ def _detail(finding: Finding, orders: list[Order], text: _RuleText, hook: str) -
         lines = [f"**Found:** {_found(evidence[0])}"]
     else:
         lines = ["**Found:**", *(f"- {_found(e)}" for e in evidence)]
-    if hook not in ("order-select", "order-sign"):
+    if hook not in ("order-select", "order-sign"):  # what is planned, and when
         planned = [_planned(o) for o in orders]
-        lines.append(f"**Planned:** {planned[0]}" if len(planned) == 1
-                     else "\n".join(["**Planned:**", *(f"- {p}" for p in planned)]))
+        lines += ["", f"**Planned:** {planned[0]}" if len(planned) == 1
+                  else "\n".join(["**Planned:**", *(f"- {p}" for p in planned)])]
     lines.append("")
     for note in finding.notes:
         lines += [f"> {md(note)}", ""]
