@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import aiohttp
@@ -213,6 +214,33 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     card_counters = {(rule.id, level): metrics.CARDS.labels(topic=rule.id, indicator=level)
                      for rule in kb.rules for level in ("info", "warning", "critical")}
 
+    memory = timedelta(hours=settings.answered_card_memory_hours) if settings.answered_card_memory_hours else None
+    suppressed_counters = {rule.id: metrics.SUPPRESSED.labels(topic=rule.id) for rule in kb.rules}
+
+    async def without_answered(store: Store, hook: str, cards: list[dict[str, Any]],
+                               keys: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        """Leave out the cards already answered with feedback (overridden, or a suggestion accepted) for the same
+        patient, orders or appointments, rule and evidence within CDS_ANSWERED_CARD_MEMORY_HOURS. When the store
+        cannot say, every card is shown: a card is never withheld on a guess."""
+        assert memory is not None
+        now = datetime.now(UTC)
+        try:
+            answered = await store.answered(keys, now - memory)
+        except StoreError:
+            return cards, keys
+        if not answered:
+            return cards, keys
+        kept = [(c, k) for c, k in zip(cards, keys, strict=True) if k not in answered]
+        gone = [c for c, k in zip(cards, keys, strict=True) if k in answered]
+        for c in gone:
+            suppressed_counters[c["source"]["topic"]["code"]].inc()
+        try:
+            await store.record_suppressed([(c["source"]["topic"]["code"], kb.by_id[c["source"]["topic"]["code"]]
+                                            .version, hook) for c in gone], now)
+        except StoreError:
+            pass  # counted in the metrics; the summary misses them while the store is down
+        return [c for c, _ in kept], [k for _, k in kept]
+
     async def call_service(request: Request) -> Response:
         """The hook endpoint, a plain Starlette route: FastAPI's parameter solving costs more than the work."""
         await client_claims(request)
@@ -223,7 +251,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         started = time.perf_counter()
         body = validate_request(await read_json(request, settings.max_body_bytes), served)
         try:
-            cards, patient = await screening.screen(body, request.app.state.fhir_http, base_url(request))
+            cards, patient, keys = await screening.screen_keyed(body, request.app.state.fhir_http, base_url(request))
         except DataUnavailable as exc:
             log.warning("hook refused: %s", exc.message, extra={"hookInstance": body["hookInstance"],
                                                                  "hook": body["hook"], "status": 412})
@@ -231,10 +259,12 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             raise
         elapsed = time.perf_counter() - started
         latency[body["hook"]].observe(elapsed)
+        if cards and memory is not None:
+            cards, keys = await without_answered(request.app.state.store, body["hook"], cards, keys)
         for c in cards:
             card_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
         if cards:  # queued for the audit store; the answer never waits for the database
-            request.app.state.audit.submit(screening.issued(body, cards, patient))
+            request.app.state.audit.submit(screening.issued(body, cards, patient, keys))
         log.info("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
                                          "patient": patient, "cards": len(cards), "ms": round(elapsed * 1000, 1)})
         return FhirJSON({"cards": cards})  # render.card never emits null or empty values (tests check every response)

@@ -7,6 +7,7 @@ the other screening modules (setup.py), does the rest: find the mesotherapy orde
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from .fhirjson import Coded
 from .knowledge import KnowledgeBase
 from .hooks import ORDER_HOOKS
 from .orders import (
+    Order,
     booked_mesotherapy,
     booking_resources,
     draft_resources,
@@ -25,7 +27,7 @@ from .orders import (
 )
 from .prefetch import PLANNED_TEMPLATES, TEMPLATES, Gathered, Template, build_record, gather
 from .render import card
-from .rules import evaluate
+from .rules import Finding, evaluate
 from .security import pseudonym
 from .settings import Settings
 from .store import IssuedCard
@@ -48,6 +50,13 @@ class Screening:
 
     async def screen(self, body: dict[str, Any], http: Any, base: str) -> tuple[list[dict[str, Any]], str]:
         """The cards for a validated hook request, and the patient's pseudonym (for the log and the audit)."""
+        cards, patient, _ = await self.screen_keyed(body, http, base)
+        return cards, patient
+
+    async def screen_keyed(self, body: dict[str, Any], http: Any,
+                           base: str) -> tuple[list[dict[str, Any]], str, list[str]]:
+        """`screen`, with each card's repeat key: the same patient, rule, orders or appointments and evidence
+        give the same key at every hook, so an answered card can be recognised when it would show again."""
         context = body["context"]
         hook = body["hook"]
         patient = pseudonym(context["patientId"], self.patient_key)
@@ -74,14 +83,15 @@ class Screening:
                                          self.settings.planned_lookahead_days)
             draft_ids = {o.ref for o in orders} | {o.based_on for o in orders if o.based_on}
         if not orders:
-            return [], patient
+            return [], patient, []
         gathered = await self._gather(body, http, TEMPLATES)
         if gathered.unavailable:
             log.warning("FHIR data not obtained", extra={"hookInstance": body["hookInstance"],
                                                         "reasons": gathered.unavailable})  # no PHI in reasons
         record = build_record(gathered, context["patientId"], draft_ids, self.relevant)
         findings = evaluate(self.kb, record, orders, today, self.settings)
-        return [card(f, orders, self.kb, base, record.patient.id, hook=hook) for f in findings], patient
+        cards = [card(f, orders, self.kb, base, record.patient.id, hook=hook) for f in findings]
+        return cards, patient, [repeat_key(patient, f, orders) for f in findings]
 
     async def _gather(self, body: dict[str, Any], http: Any, templates: tuple[Template, ...]) -> Gathered:
         gathered = await gather(body, self.settings, http, templates)
@@ -94,15 +104,28 @@ class Screening:
             metrics.FHIR_ERRORS.labels(kind=kind).inc()
         return gathered
 
-    def issued(self, body: dict[str, Any], cards: list[dict[str, Any]], patient: str) -> list[IssuedCard]:
+    def issued(self, body: dict[str, Any], cards: list[dict[str, Any]], patient: str,
+               keys: list[str] | None = None) -> list[IssuedCard]:
         """The audit store's rows for the cards of one answer."""
         now = datetime.now(UTC)
         hook, instance = body["hook"], body["hookInstance"]
         out = []
-        for c in cards:
+        for i, c in enumerate(cards):
             topic = c["source"]["topic"]["code"]
             out.append(IssuedCard(
                 uuid=c["uuid"], rule_id=topic, rule_version=self.kb.by_id[topic].version, indicator=c["indicator"],
                 hook=hook, hook_instance=instance, patient_pseudonym=patient, issued_at=now,
-                suggestion_uuids=[s["uuid"] for s in c.get("suggestions", [])]))
+                suggestion_uuids=[s["uuid"] for s in c.get("suggestions", [])],
+                repeat_key=keys[i] if keys else None))
         return out
+
+
+def repeat_key(patient: str, finding: Finding, orders: list[Order]) -> str:
+    """sha256 over the patient's pseudonym, the rule (id, version, indicator), the orders or appointments and every
+    piece of evidence as the card tells it (record, what, status, date, notes): any change gives another key."""
+    rule = finding.rule
+    parts = [patient, rule.id, str(rule.version), finding.indicator, "\x1f".join(sorted(o.ref for o in orders))]
+    parts += sorted("\x1f".join((e.ref, e.indicator, e.what, e.status, e.when.isoformat() if e.when else "",
+                                 *e.notes)) for e in finding.evidence)
+    parts += finding.notes
+    return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()
