@@ -55,9 +55,9 @@ def main() -> None:
                 if card["detail"].count("\n- ") <= 1:  # one piece of evidence (listed, or on the Found line)
                     typical.append(n)
         q = statistics.quantiles(lengths, n=10)
-        print(json.dumps({"root": str(root), "cards": len(lengths), "median": statistics.median(lengths),
+        sys.stdout.write(json.dumps({"root": str(root), "cards": len(lengths), "median": statistics.median(lengths),
                           "p90": q[-1], "max": max(lengths), "typical_cards": len(typical),
-                          "typical_median": statistics.median(typical)}))
+                          "typical_median": statistics.median(typical)}) + "\n")
     finally:
         proc.terminate()
         proc.wait(10)

@@ -140,7 +140,8 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
 
     service: ServiceFile = _parse(ServiceFile, directory / "service.yaml")
     _check_visible("service.yaml", [service.title, service.description, service.usage_requirements,
-                                    service.source_label, *service.sources, *(r.display for r in service.override_reasons)])
+                                    service.source_label, *service.sources,
+                                    *(r.display for r in service.override_reasons)])
     reasons = {r.code: r for r in service.override_reasons}
 
     orderables: OrderablesFile = _parse(OrderablesFile, directory / "orderables.yaml")

@@ -14,8 +14,8 @@ from typing import Any
 
 from . import metrics
 from .fhirjson import Coded
-from .knowledge import KnowledgeBase
 from .hooks import ORDER_HOOKS
+from .knowledge import KnowledgeBase
 from .orders import (
     Order,
     booked_mesotherapy,

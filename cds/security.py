@@ -3,9 +3,10 @@
 The verifier follows CDS Hooks "Trusting CDS Clients" and its JWT best practice: the issuer must be
 configured, `aud` is the exact public URL called, the key is picked by `kid` from the issuer's pinned JWKS
 (or from a `jku` on the issuer's list; a `jku` not on it is never fetched, and the token is verified with the
-issuer's configured keys when its `kid` is among them, as the CDS Hooks Sandbox's tokens need), only RS/PS/ES 256/384 are accepted, and every `jti` is used once.
-Only configured URLs are ever fetched. A rejection raises `NotAuthenticated(reason)`: the reason is for the
-log, never for the caller, and the token itself is never logged.
+issuer's configured keys when its `kid` is among them, as the CDS Hooks Sandbox's tokens need), only
+RS/PS/ES 256/384 are accepted, and every `jti` is used once. Only configured URLs are ever fetched. A
+rejection raises `NotAuthenticated(reason)`: the reason is for the log, never for the caller, and the token
+itself is never logged.
 """
 
 from __future__ import annotations
