@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
 import aiohttp
@@ -36,6 +36,7 @@ from .feedback import parse_feedback
 from .hooks import LEGACY_SERVICE, SERVED_HOOKS, SERVICE_HOOKS, SERVICES, validate_request
 from .knowledge import KnowledgeBase, load_knowledge
 from .prefetch import HOOK_TEMPLATES
+from .repeats import AnsweredCards
 from .screening import Screening
 from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym_key
 from .settings import Settings, get_settings
@@ -165,6 +166,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             try:
                 yield
             finally:
+                if app.state.answered is not None:
+                    await app.state.answered.close()
                 await app.state.audit.close()
                 await store.close()
 
@@ -214,32 +217,9 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     card_counters = {(rule.id, level): metrics.CARDS.labels(topic=rule.id, indicator=level)
                      for rule in kb.rules for level in ("info", "warning", "critical")}
 
-    memory = timedelta(hours=settings.answered_card_memory_hours) if settings.answered_card_memory_hours else None
-    suppressed_counters = {rule.id: metrics.SUPPRESSED.labels(topic=rule.id) for rule in kb.rules}
-
-    async def without_answered(store: Store, hook: str, cards: list[dict[str, Any]],
-                               keys: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-        """Leave out the cards already answered with feedback (overridden, or a suggestion accepted) for the same
-        patient, orders or appointments, rule and evidence within CDS_ANSWERED_CARD_MEMORY_HOURS. When the store
-        cannot say, every card is shown: a card is never withheld on a guess."""
-        assert memory is not None
-        now = datetime.now(UTC)
-        try:
-            answered = await store.answered(keys, now - memory)
-        except StoreError:
-            return cards, keys
-        if not answered:
-            return cards, keys
-        kept = [(c, k) for c, k in zip(cards, keys, strict=True) if k not in answered]
-        gone = [c for c, k in zip(cards, keys, strict=True) if k in answered]
-        for c in gone:
-            suppressed_counters[c["source"]["topic"]["code"]].inc()
-        try:
-            await store.record_suppressed([(c["source"]["topic"]["code"], kb.by_id[c["source"]["topic"]["code"]]
-                                            .version, hook) for c in gone], now)
-        except StoreError:
-            pass  # counted in the metrics; the summary misses them while the store is down
-        return [c for c, _ in kept], [k for _, k in kept]
+    memory = (AnsweredCards(kb, timedelta(hours=settings.answered_card_memory_hours),
+                            settings.answered_card_refresh_s) if settings.answered_card_memory_hours else None)
+    app.state.answered = memory
 
     async def call_service(request: Request) -> Response:
         """The hook endpoint, a plain Starlette route: FastAPI's parameter solving costs more than the work."""
@@ -259,8 +239,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             raise
         elapsed = time.perf_counter() - started
         latency[body["hook"]].observe(elapsed)
-        if cards and memory is not None:
-            cards, keys = await without_answered(request.app.state.store, body["hook"], cards, keys)
+        if cards and memory is not None:  # answered with feedback at an earlier hook: not shown again
+            cards, keys = await memory.without_answered(request.app.state.store, body["hook"], cards, keys)
         for c in cards:
             card_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
         if cards:  # queued for the audit store; the answer never waits for the database
@@ -297,6 +277,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             raise ServiceUnavailable("feedback could not be stored; retry later") from None
         for e in entries:
             metrics.FEEDBACK.labels(outcome=e.outcome).inc()
+        if request.app.state.answered is not None:
+            request.app.state.answered.stale()
         return FhirJSON({"received": len(entries), "stored": stored})  # already-stored entries count once
 
     @app.get("/feedback/summary")

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     # Hooks beyond orders, and repeated interruptions (issue 16)
     planned_lookahead_days: int = Field(default=180, ge=1)  # patient-view: plans dated up to this far ahead
     answered_card_memory_hours: float = Field(default=24.0, ge=0)  # 0: every card is shown at every hook
+    answered_card_refresh_s: float = Field(default=1.0, ge=0)  # how often a process rereads the answered cards
 
     @field_validator("allowed_fhir_servers", mode="before")
     @classmethod

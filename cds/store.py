@@ -339,20 +339,12 @@ class Store:
             await _remember_answered(conn, self._insert, {e.card_uuid for e in entries}, received_at)
             return stored
 
-    async def answered(self, keys: Iterable[str], since: datetime) -> set[str]:
-        """Which of these repeat keys belong to cards answered with feedback at or after `since`."""
-        wanted = sorted(set(keys))
-        found: set[str] = set()
-        if not wanted:
-            return found
+    async def answered_since(self, since: datetime) -> list[tuple[str, datetime]]:
+        """Repeat keys of cards answered with feedback at or after `since`, with when (the latest answer)."""
         async with self._read("answered") as conn:
-            for i in range(0, len(wanted), _IN_CHUNK):
-                result = await conn.execute(
-                    sa.select(answered_cards.c.repeat_key)
-                    .where(answered_cards.c.repeat_key.in_(wanted[i:i + _IN_CHUNK]),
-                           answered_cards.c.answered_at >= since))
-                found.update(result.scalars())
-        return found
+            result = await conn.execute(sa.select(answered_cards.c.repeat_key, answered_cards.c.answered_at)
+                                        .where(answered_cards.c.answered_at >= since))
+            return [(key, at) for key, at in result.all()]
 
     async def record_suppressed(self, rows: Sequence[tuple[str, int, str]], at: datetime) -> None:
         """Count cards not shown again because they were answered: (rule id, rule version, hook) each."""
