@@ -43,8 +43,6 @@ def new_uuid7() -> str:
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 WHY_SENTENCES = 2  # a card fits a narrow EHR side panel: the why in two sentences, the rest on the rule's page
-
-
 WHY_CHARS = 220  # the second sentence is kept only while the why stays this short
 
 
