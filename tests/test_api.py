@@ -274,3 +274,32 @@ def test_evidence_the_fhir_models_trip_over_still_counts_and_the_card_says_so(cl
     card = next(c for c in response.json()["cards"] if c["source"]["topic"]["code"] == "pregnancy")
     assert card["indicator"] == "critical"
     assert "did not pass FHIR validation" in card["detail"]
+
+
+@pytest.mark.parametrize(("service_id", "hook"), [
+    ("mesotherapy-order-select", "order-sign"), ("mesotherapy-order-sign", "order-select"),
+    ("mesotherapy-patient-view", "order-select"), ("mesotherapy-appointment-book", "patient-view"),
+    ("mesotherapy-contraindications", "patient-view")])
+def test_a_hook_sent_to_another_hooks_service_is_a_400_naming_the_served_hook(
+        client: httpx.Client, service_id: str, hook: str) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    request["hook"] = hook
+    response = client.post(f"/cds-services/{service_id}", json=request)
+    assert response.status_code == 400
+    served = {"mesotherapy-contraindications": "order-select, order-sign"}.get(
+        service_id, service_id.removeprefix("mesotherapy-"))
+    assert response.json()["issue"][0]["diagnostics"] == (
+        f"hook {hook!r} is not served by this service (it serves {served})")
+
+
+@pytest.mark.parametrize("hook", ["order-select", "order-sign"])
+def test_the_first_service_id_still_answers_both_order_hooks(client: httpx.Client, hook: str) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    request["hook"] = hook
+    request["context"]["patientId"] = f"legacy-{hook}"  # the feedback below must not hide cards of other tests
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200 and response.json()["cards"][0]["source"]["topic"]["code"] == "pregnancy"
+    card = response.json()["cards"][0]
+    for service_id in (SERVICE, f"/cds-services/mesotherapy-{hook}"):  # feedback is taken at every service id
+        entry = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-21T09:00:00Z"}
+        assert client.post(f"{service_id}/feedback", json={"feedback": [entry]}).status_code == 200
