@@ -155,6 +155,7 @@ def _consultation_first(patient_id: str, new_uuid: Callable[[], str]) -> dict[st
 
 
 _WHERE = re.compile(r" in ([A-Za-z]+/[A-Za-z0-9\-.]+) \(from ([^)]*)\)")  # an ingredient's order and source: last line
+_SAYS_ALLERGY = re.compile(r"allerg|intoleran|sensitiv|anaphyla", re.IGNORECASE)
 _MATCHED = re.compile(r"^(code|text|answer) \((.*)\)$")
 _LABELS = {"MedicationRequest": "prescription", "MedicationOrder": "prescription",
            "MedicationStatement": "on the medication list"}
@@ -181,7 +182,10 @@ def _found(e: Evidence) -> str:
     words.extend(md(_WHERE.sub("", n)) for n in e.notes)
     if e.raw is not None and validate_evidence(e.raw) is not None:
         words.append("this record did not pass FHIR validation; read as far as possible")
-    what = f"Allergy to {md(e.what)}" if rtype == "AllergyIntolerance" else md(e.what)
+    what = md(e.what)
+    if rtype == "AllergyIntolerance" and not _SAYS_ALLERGY.search(e.what):
+        what = f"Allergy to {what}"  # "Allergy to lidocaine", but "Peanut allergy" as recorded
+    what = what[:1].upper() + what[1:]
     return f"{what} - {', '.join(words)}" if words else what
 
 
