@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from datetime import timedelta
 from typing import Annotated, Any
 
 import aiohttp
@@ -34,16 +35,17 @@ from .errors import (
 )
 from .feedback import parse_feedback
 from .fhirjson import set_text_limit
-from .hooks import SERVED_HOOKS, validate_request
+from .hooks import LEGACY_SERVICE, SERVED_HOOKS, SERVICE_HOOKS, SERVICES, validate_request
 from .knowledge import KnowledgeBase, load_knowledge
 from .openapi import document
-from .prefetch import TEMPLATES
+from .prefetch import HOOK_TEMPLATES
+from .repeats import AnsweredCards
 from .screening import Screening
 from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym_key
 from .settings import Settings, get_settings
 from .store import Store, StoreError, UnknownCard
 
-SERVICE_ID = "mesotherapy-contraindications"
+SERVICE_ID = LEGACY_SERVICE  # the first service id; EHRs registered against it keep calling it for order hooks
 AUDIT_GRACE_S = 0.3  # feedback naming an unknown card is retried once after this: another worker may be writing it
 log = logging.getLogger("cds")
 
@@ -106,13 +108,18 @@ class CDSApp(FastAPI):
         await response(scope, receive, send)
 
 
+HOOK_TITLES = {"order-select": "when a mesotherapy order is selected", "order-sign": "when orders are signed",
+               "patient-view": "when the chart is opened, for a planned mesotherapy",
+               "appointment-book": "when a mesotherapy appointment is booked"}
+
+
 def discovery_document(kb: KnowledgeBase) -> dict[str, Any]:
-    prefetch = {t.key: t.query for t in TEMPLATES}
+    """One service per hook, each with its own id and the prefetch its hook needs (the legacy id is not listed)."""
     s = kb.service
     return {"services": [
-        {"hook": hook, "id": SERVICE_ID, "title": s.title, "description": s.description,
-         "usageRequirements": s.usage_requirements, "prefetch": prefetch}
-        for hook in SERVED_HOOKS
+        {"hook": hook, "id": sid, "title": f"{s.title} ({HOOK_TITLES[hook]})", "description": s.description,
+         "usageRequirements": s.usage_requirements, "prefetch": {t.key: t.query for t in HOOK_TEMPLATES[hook]}}
+        for sid, hook in SERVICES.items()
     ]}
 
 
@@ -171,6 +178,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
                 pruner.cancel()
                 with suppress(asyncio.CancelledError):
                     await pruner
+                if app.state.answered is not None:
+                    await app.state.answered.close()
                 await app.state.audit.close()
                 await store.close()
 
@@ -220,16 +229,22 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     card_counters = {(rule.id, level): metrics.CARDS.labels(topic=rule.id, indicator=level)
                      for rule in kb.rules for level in ("info", "warning", "critical")}
 
+    memory = (AnsweredCards(kb, timedelta(hours=settings.answered_card_memory_hours),
+                            settings.answered_card_refresh_s) if settings.answered_card_memory_hours else None)
+    app.state.answered = memory
+
     async def call_service(request: Request) -> Response:
         """The hook endpoint, a plain Starlette route: FastAPI's parameter solving costs more than the work."""
         await client_claims(request)
         service_id = request.path_params["service_id"]
-        if service_id != SERVICE_ID:
+        served = SERVICE_HOOKS.get(service_id)
+        if served is None:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         started = time.perf_counter()
-        body = validate_request(await read_json(request, settings.max_body_bytes, settings.http_body_timeout_s))
+        body = validate_request(await read_json(request, settings.max_body_bytes, settings.http_body_timeout_s),
+                                served)
         try:
-            cards, patient = await screening.screen(body, request.app.state.fhir_http, base_url(request))
+            cards, patient, keys = await screening.screen_keyed(body, request.app.state.fhir_http, base_url(request))
         except DataUnavailable as exc:
             log.warning("hook refused: %s", exc.message, extra={"hookInstance": body["hookInstance"],
                                                                  "hook": body["hook"], "status": 412})
@@ -237,10 +252,12 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             raise
         elapsed = time.perf_counter() - started
         latency[body["hook"]].observe(elapsed)
+        if cards and memory is not None:  # answered with feedback at an earlier hook: not shown again
+            cards, keys = await memory.without_answered(request.app.state.store, body["hook"], cards, keys)
         for c in cards:
             card_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
         if cards:  # queued for the audit store; the answer never waits for the database
-            request.app.state.audit.submit(screening.issued(body, cards, patient))
+            request.app.state.audit.submit(screening.issued(body, cards, patient, keys))
         log.info("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
                                          "patient": patient, "cards": len(cards), "ms": round(elapsed * 1000, 1)})
         return FhirJSON({"cards": cards})  # render.card never emits null or empty values (tests check every response)
@@ -249,12 +266,13 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     app.add_route("/cds-services/{service_id}/", call_service, methods=["POST"])
     if not settings.cors_origins:  # CORS headers come from middleware: with CORS on, the router serves hooks
         app.hook = call_service
-        app.hook_paths = {f"/cds-services/{SERVICE_ID}{slash}": {"service_id": SERVICE_ID} for slash in ("", "/")}
+        app.hook_paths = {f"/cds-services/{sid}{slash}": {"service_id": sid}
+                          for sid in SERVICE_HOOKS for slash in ("", "/")}
 
     @app.post("/cds-services/{service_id}/feedback")
     @app.post("/cds-services/{service_id}/feedback/", include_in_schema=False)
     async def post_feedback(service_id: str, request: Request, claims: Client) -> Response:
-        if service_id != SERVICE_ID:
+        if service_id not in SERVICE_HOOKS:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         entries = parse_feedback(await read_json(request, settings.max_body_bytes, settings.http_body_timeout_s))
         audit: AuditWriter = request.app.state.audit
@@ -278,6 +296,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             raise ServiceUnavailable("feedback could not be stored; retry later") from None
         for e in entries:
             metrics.FEEDBACK.labels(outcome=e.outcome).inc()
+        if request.app.state.answered is not None:
+            request.app.state.answered.stale()
         return FhirJSON({"received": len(entries), "stored": stored})  # already-stored entries count once
 
     @app.get("/feedback/summary")
@@ -306,11 +326,10 @@ def create_app(settings: Settings | None = None) -> CDSApp:
                 + (f"<p><em>Extension beyond the source articles:</em> {e(rule.extension)}</p>" if rule.extension
                    else "")
                 + f"<h2>Why it matters</h2><p>{e(rule.rationale)}</p><h2>What to do</h2><p>{e(rule.advice)}</p>"
-                f"<h2>Source</h2><p>{e(rule.source.citation)}</p><blockquote>{e(rule.source.quote)}</blockquote>"
-                f"<p>Seed article: <code>{e(rule.source.seed)}</code></p>")
+                f"<h2>Source</h2><p>{e(rule.source.citation)}</p><blockquote>{e(rule.source.quote)}</blockquote>")
         return HTMLResponse(_page(rule.title, body))
 
-    openapi_document = document(SERVICE_ID)
+    openapi_document = document(sorted(SERVICE_HOOKS))
 
     @app.get("/openapi.json")
     async def openapi() -> Response:

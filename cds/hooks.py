@@ -11,7 +11,19 @@ from urllib.parse import urlsplit
 
 from .errors import InvalidRequest
 
-SERVED_HOOKS = ("order-select", "order-sign")
+SERVED_HOOKS = ("order-select", "order-sign", "patient-view", "appointment-book")
+ORDER_HOOKS = ("order-select", "order-sign")
+# One service per hook (CDS Hooks identifies a service by its URL, `{baseUrl}/cds-services/{id}`, and clients such
+# as the reference sandbox key services by that URL, so one id must mean one hook).
+SERVICES: dict[str, str] = {
+    "mesotherapy-order-select": "order-select",
+    "mesotherapy-order-sign": "order-sign",
+    "mesotherapy-patient-view": "patient-view",
+    "mesotherapy-appointment-book": "appointment-book",
+}
+LEGACY_SERVICE = "mesotherapy-contraindications"  # answers both order hooks; not listed in discovery
+SERVICE_HOOKS: dict[str, tuple[str, ...]] = {**{sid: (hook,) for sid, hook in SERVICES.items()},
+                                             LEGACY_SERVICE: ORDER_HOOKS}
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _REFERENCE = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
@@ -26,13 +38,13 @@ def _require_str(obj: dict[str, Any], name: str, where: str) -> str:
     return value
 
 
-def validate_request(body: Any) -> dict[str, Any]:
-    """Return the request when it is a well-formed order-select or order-sign call; else InvalidRequest."""
+def validate_request(body: Any, served: tuple[str, ...] = SERVED_HOOKS) -> dict[str, Any]:
+    """Return the request when it is a well-formed call of one of the `served` hooks; else InvalidRequest."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     hook = _require_str(body, "hook", "")
-    if hook not in SERVED_HOOKS:
-        raise InvalidRequest(f"hook {hook!r} is not served by this service (it serves {', '.join(SERVED_HOOKS)})",
+    if hook not in served:
+        raise InvalidRequest(f"hook {hook!r} is not served by this service (it serves {', '.join(served)})",
                              expression="hook")
     instance = _require_str(body, "hookInstance", "")
     if not _UUID.match(instance):
@@ -79,7 +91,7 @@ def validate_request(body: Any) -> dict[str, Any]:
     if "encounterId" in context and not (isinstance(context["encounterId"], str)
                                          and _FHIR_ID.match(context["encounterId"])):
         raise InvalidRequest("context.encounterId must be a FHIR id", expression="context.encounterId")
-    # Both order hooks' context (CDS Hooks order-select 1.0, order-sign 1.1): selections is required on
+    # The order hooks' context (CDS Hooks order-select 1.0, order-sign 1.1): selections is required on
     # order-select; order-sign defines none, so one sent there is tolerated but must still be well formed.
     selections = context.get("selections")
     if selections is None and hook == "order-select":
@@ -90,10 +102,13 @@ def validate_request(body: Any) -> dict[str, Any]:
         raise InvalidRequest("context.selections must be a non-empty array of references (strings)",
                              expression="context.selections")
     draft_orders = context.get("draftOrders")
-    if draft_orders is None:
+    if hook in ORDER_HOOKS and draft_orders is None:
         raise InvalidRequest("required field context.draftOrders is missing", expression="context.draftOrders")
-    if not isinstance(draft_orders, dict):
+    if draft_orders is not None and not isinstance(draft_orders, dict):
         raise InvalidRequest("context.draftOrders must be a FHIR Bundle (an object)", expression="context.draftOrders")
+    if hook == "appointment-book" and context.get("appointments") is None:
+        raise InvalidRequest("required field context.appointments is missing for appointment-book",
+                             expression="context.appointments")
     prefetch = body.get("prefetch")
     if prefetch is not None and not isinstance(prefetch, dict):
         raise InvalidRequest("prefetch must be an object", expression="prefetch")

@@ -141,6 +141,9 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
     index = MatchIndex(valuesets)
 
     service: ServiceFile = _parse(ServiceFile, directory / "service.yaml")
+    _check_visible("service.yaml", [service.title, service.description, service.usage_requirements,
+                                    service.source_label, *service.sources,
+                                    *(r.display for r in service.override_reasons)])
     reasons = {r.code: r for r in service.override_reasons}
 
     orderables: OrderablesFile = _parse(OrderablesFile, directory / "orderables.yaml")
@@ -252,11 +255,24 @@ def _leaf_settings(node: Any) -> Iterable[str]:
             yield spec.months_setting
 
 
+# User-visible text names sources as a reader would look them up: never a file name, never the word "seed".
+_INTERNAL_NAME = re.compile(r"\bseeds?\b|\b[\w-]+\.(?:txt|ya?ml|json|md|py|html?)\b", re.IGNORECASE)
+
+
+def _check_visible(where: str, texts: Iterable[str]) -> None:
+    for text in texts:
+        if (m := _INTERNAL_NAME.search(text)) is not None:
+            raise KnowledgeError(f"{where}: user-visible text names {m.group(0)!r}; cite sources by the "
+                                 "article's name (see cards/README.md)")
+
+
 def _check_rule(rule: Rule, valuesets: dict[str, ValueSet], reasons: dict[str, OverrideReason],
                 by_id: dict[str, Rule]) -> None:
     from .settings import Settings  # the settings a rule may name are the clinical policy fields
 
     where = f"rules/{rule.id}.yaml"
+    _check_visible(where, [rule.title, rule.rationale, rule.advice, rule.extension or "", rule.source.citation,
+                           rule.source.quote, *rule.summary.values(), *(s.label for s in rule.suggestions)])
     for name in _leaf_valuesets(rule.when):
         if name not in valuesets:
             raise KnowledgeError(f"{where}: unknown value set {name!r}")

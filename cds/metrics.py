@@ -32,7 +32,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.
 PREFETCH_OUTCOMES = ("prefetch", "fetched", "unavailable")
 FHIR_ERROR_KINDS = ("timeout", "http_error", "unreachable", "foreign_link", "too_large")
 FEEDBACK_OUTCOMES = ("accepted", "overridden")
-STORE_OPERATIONS = ("open", "ping", "record_cards", "record_feedback", "summary", "claim_jti", "prune")
+STORE_OPERATIONS = ("open", "ping", "record_cards", "record_feedback", "summary", "claim_jti", "prune", "answered",
+                    "record_suppressed")
 
 REQUEST_LATENCY = Histogram(
     "cds_request_duration_seconds", "Time to answer a CDS Hooks service request, by hook.",
@@ -51,6 +52,10 @@ FHIR_ERRORS = Counter(
     ["kind"], registry=REGISTRY)
 FEEDBACK = Counter(
     "cds_feedback_total", "Feedback entries received, by outcome.", ["outcome"], registry=REGISTRY)
+SUPPRESSED = Counter(
+    "cds_cards_suppressed_total",
+    "Cards not shown again: answered with feedback for the same patient, order or appointment, and evidence.",
+    ["topic"], registry=REGISTRY)
 STORE_ERRORS = Counter(
     "cds_store_errors_total", "Audit store operations that failed (database unreachable or erroring).",
     ["operation"], registry=REGISTRY)

@@ -58,23 +58,25 @@ SCHEMAS: dict[str, Any] = {
         "resourceType": {"const": "Bundle"}, "type": {"type": "string"},
         "entry": {"type": "array", "items": {"type": "object", "properties": {
             "fullUrl": {"type": "string"}, "resource": {"type": "object"}}}}}},
-    "OrderContext": {
-        "type": "object", "required": ["userId", "patientId", "draftOrders"],
-        "description": "order-select and order-sign context; `selections` is required on order-select.",
+    "HookContext": {
+        "type": "object", "required": ["userId", "patientId"],
+        "description": "order-select and order-sign: `draftOrders` required, `selections` required on order-select; "
+                       "appointment-book: `appointments` required; patient-view: userId and patientId.",
         "properties": {
             "userId": {"type": "string", "pattern": "^[A-Za-z]+/[A-Za-z0-9\\-.]{1,64}$"},
             "patientId": {"type": "string", "pattern": "^(Patient/)?[A-Za-z0-9\\-.]{1,64}$"},
             "encounterId": {"type": "string", "pattern": "^[A-Za-z0-9\\-.]{1,64}$"},
             "selections": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
-            "draftOrders": _ref("Bundle")}},
+            "draftOrders": _ref("Bundle"),
+            "appointments": _ref("Bundle")}},
     "HookRequest": {
         "type": "object", "required": ["hook", "hookInstance", "context"],
         "properties": {
-            "hook": {"enum": ["order-select", "order-sign"]},
+            "hook": {"enum": ["order-select", "order-sign", "patient-view", "appointment-book"]},
             "hookInstance": {"type": "string", "format": "uuid"},
             "fhirServer": {"type": "string", "format": "uri"},
             "fhirAuthorization": _ref("FhirAuthorization"),
-            "context": _ref("OrderContext"),
+            "context": _ref("HookContext"),
             "prefetch": {"type": "object", "additionalProperties": {"type": ["object", "null"]}}}},
     "Action": {"type": "object", "required": ["type", "description"], "properties": {
         "type": {"enum": ["create", "update", "delete"]}, "description": {"type": "string"},
@@ -126,14 +128,15 @@ _AUTH_ERRORS = {"401": _outcome("a JWT is required and was missing or invalid (o
                 "503": _outcome("the JWT replay cache or the audit store is unavailable")}
 
 
-def document(service_id: str) -> dict[str, Any]:
+def document(service_ids: list[str]) -> dict[str, Any]:
     service_path = {"name": "service_id", "in": "path", "required": True,
-                    "schema": {"type": "string", "enum": [service_id]}}
+                    "schema": {"type": "string", "enum": service_ids}}
     security: list[dict[str, list[str]]] = [{"ehrJwt": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "Mesotherapy contraindication CDS service", "version": __version__,
-                 "description": "A CDS Hooks 2.0 service (order-select, order-sign) screening mesotherapy "
+                 "description": "A CDS Hooks 2.0 service (order-select, order-sign, patient-view, appointment-book) "
+                                "screening mesotherapy "
                                 "orders for contraindications."},
         "components": {"schemas": SCHEMAS, "securitySchemes": {"ehrJwt": {
             "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
@@ -143,7 +146,7 @@ def document(service_id: str) -> dict[str, Any]:
                 "operationId": "discovery", "summary": "CDS Hooks discovery", "security": security,
                 "responses": {"200": _json("the services", _ref("Discovery")), **_AUTH_ERRORS}}},
             "/cds-services/{service_id}": {"post": {
-                "operationId": "callHook", "summary": "Call the service (order-select or order-sign)",
+                "operationId": "callHook", "summary": "Call a service with the hook it serves",
                 "security": security, "parameters": [service_path],
                 "requestBody": {"required": True, "content": {JSON: {"schema": _ref("HookRequest")}}},
                 "responses": {

@@ -6,10 +6,11 @@ ProcedureRequest, MedicationOrder) from raw JSON; an unknown shape is simply not
 
 from __future__ import annotations
 
+from datetime import date, timedelta
 from typing import Any
 
 from .errors import InvalidRequest
-from .fhirjson import MEMO_CHARS, Coded, coded, concept_chars, fold, listed, ref_key, reference, text_limit
+from .fhirjson import MEMO_CHARS, Coded, coded, concept_chars, fold, listed, parse_date, ref_key, reference, text_limit
 from .knowledge import KnowledgeBase, Match, Orderable
 from .record import medication_code
 
@@ -25,15 +26,23 @@ class Ingredient:
 
 
 class Order:
-    __slots__ = ("ref", "label", "matched", "sites", "ingredients", "explicit_ingredients")
+    """A mesotherapy being decided on: a draft order (order hooks), or a planned order or appointment."""
 
-    def __init__(self, ref: str, label: str, matched: Match, sites: set[str]) -> None:
+    __slots__ = ("ref", "label", "matched", "sites", "ingredients", "explicit_ingredients", "kind", "when", "status",
+                 "based_on")
+
+    def __init__(self, ref: str, label: str, matched: Match, sites: set[str], kind: str = "draft",
+                 when: date | None = None, status: str = "", based_on: str = "") -> None:
         self.ref = ref
         self.label = label
         self.matched = matched
         self.sites = sites  # empty: treatment site unknown
         self.ingredients: list[Ingredient] = []
         self.explicit_ingredients = False
+        self.kind = kind  # "draft" (draftOrders), "order" (a planned ServiceRequest), "appointment"
+        self.when = when  # the planned date, when known
+        self.status = status  # the planned order's or appointment's status
+        self.based_on = based_on  # an appointment's ServiceRequest that made it a mesotherapy, if any
 
 
 class DraftOrders:
@@ -254,3 +263,163 @@ def _order_sites(kb: KnowledgeBase, resource: dict[str, Any], concepts: Coded,
     if orderable is not None and orderable.site:
         return {orderable.site}
     return kb.sites.classify(concepts)
+
+
+# ---------------------------------------------------------------- planned procedures (patient-view, appointment-book)
+
+PLANNED_ORDER_STATUSES = ("active", "draft")
+PLANNED_APPOINTMENT_STATUSES = ("proposed", "pending", "booked")
+_NOT_PLANNED = ("cancelled", "entered-in-error", "noshow", "fulfilled", "revoked", "completed")
+
+
+def _bundle_resources(value: Any, where: str) -> dict[str, dict[str, Any]]:
+    """`Type/id` -> resource for a Bundle (or a single resource) in the request's context."""
+    if isinstance(value, dict) and value.get("resourceType") != "Bundle" and isinstance(value.get("resourceType"), str):
+        value = {"resourceType": "Bundle", "entry": [{"resource": value}]}
+    if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+        raise InvalidRequest(f"{where} must be a FHIR Bundle", expression=where)
+    entries = value.get("entry") or []
+    if not isinstance(entries, list):
+        raise InvalidRequest(f"{where}.entry must be an array", expression=f"{where}.entry")
+    resources = []
+    for i, entry in enumerate(entries):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            raise InvalidRequest(f"{where} entry {i} has no resource", expression=f"{where}.entry[{i}]")
+        resources.append(resource)
+    return _keyed(resources)
+
+
+def _keyed(resources: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for i, r in enumerate(resources):
+        rid = r.get("id")
+        out[f"{r['resourceType']}/{rid}" if isinstance(rid, str) and rid else f"#{r['resourceType']}{i}"] = r
+    return out
+
+
+def _order_date(resource: dict[str, Any]) -> date | None:
+    for key in ("occurrenceDateTime", "start"):
+        if (d := parse_date(resource.get(key))) is not None:
+            return d
+    period = resource.get("occurrencePeriod") or resource.get("requestedPeriod")
+    for p in listed(period):
+        if isinstance(p, dict) and (d := parse_date(p.get("start"))) is not None:
+            return d
+    return None
+
+
+def _in_window(when: date | None, today: date, lookahead_days: int | None) -> bool:
+    """Undated plans are screened; dated ones from today up to the look-ahead (None: any future date)."""
+    if when is None:
+        return True
+    if when < today:
+        return False
+    return lookahead_days is None or when <= today + timedelta(days=lookahead_days)
+
+
+def _service_request_order(kb: KnowledgeBase, key: str, resource: dict[str, Any], pool: DraftOrders,
+                           kind: str) -> Order | None:
+    concepts = order_concepts(resource)
+    hit = _mesotherapy_match(kb, concepts)
+    if hit is None:
+        return None
+    match, orderable = hit
+    order = Order(ref=key, label=concepts.label, matched=match, sites=_order_sites(kb, resource, concepts, orderable),
+                  kind=kind, when=_order_date(resource), status=str(resource.get("status") or ""))
+    _ingredients(kb, order, resource, concepts, orderable, pool, set())
+    return order
+
+
+def appointment_concepts(resource: dict[str, Any]) -> Coded:
+    """serviceType, appointmentType, reasonCode (R5 reason), serviceCategory, specialty and the description."""
+    c = Coded()
+    for key in ("serviceType", "appointmentType", "reasonCode", "reason", "serviceCategory", "specialty"):
+        c = c.merged(coded(resource.get(key)))
+    texts = tuple(t for t in (resource.get("description"),) if isinstance(t, str) and t.strip())
+    return c.merged(Coded((), texts))
+
+
+def _appointment_order(kb: KnowledgeBase, key: str, resource: dict[str, Any], pool: DraftOrders) -> Order | None:
+    """An appointment for mesotherapy: by its own codes and text, or by the ServiceRequest it is based on."""
+    concepts = appointment_concepts(resource)
+    hit = _mesotherapy_match(kb, concepts)
+    linked: Order | None = None
+    for item in listed(resource.get("basedOn")):
+        r = reference(item)
+        sr_key = pool.resolve(r) if r else None
+        if sr_key is not None:
+            linked = _service_request_order(kb, sr_key, pool.resources[sr_key], pool, "order")
+            if linked is not None:
+                break
+    if hit is None and linked is None:
+        return None
+    label = linked.label if hit is None and linked is not None else concepts.label
+    if hit is not None:
+        match, orderable = hit
+        sites = _order_sites(kb, resource, concepts, orderable)
+    else:
+        assert linked is not None
+        match, sites = linked.matched, set()
+    order = Order(ref=key, label=label, matched=match, sites=sites or (linked.sites if linked else set()),
+                  kind="appointment", when=_order_date(resource), status=str(resource.get("status") or ""),
+                  based_on=linked.ref if linked else "")
+    if linked is not None:
+        order.ingredients, order.explicit_ingredients = linked.ingredients, linked.explicit_ingredients
+    else:
+        _ingredients(kb, order, resource, concepts, hit[1] if hit else None, DraftOrders({}, {}), set())
+    return order
+
+
+def planned_mesotherapy(kb: KnowledgeBase, service_requests: list[dict[str, Any]],
+                        appointments: list[dict[str, Any]], today: date, lookahead_days: int) -> list[Order]:
+    """patient-view: mesotherapy planned for the patient, as an active/draft ServiceRequest or a proposed, pending
+    or booked Appointment, dated from today to `lookahead_days` ahead (undated plans count)."""
+    requests = {k: r for k, r in _keyed(service_requests).items() if r.get("resourceType") == "ServiceRequest"}
+    pool = DraftOrders({**requests, **_keyed([r for r in appointments if r.get("resourceType") != "Appointment"])},
+                       {})
+    orders: list[Order] = []
+    for key, resource in _keyed(appointments).items():
+        if resource.get("resourceType") != "Appointment" \
+                or resource.get("status") not in PLANNED_APPOINTMENT_STATUSES:
+            continue
+        order = _appointment_order(kb, key, resource, pool)
+        if order is not None and _in_window(order.when, today, lookahead_days):
+            orders.append(order)
+    booked_requests = {o.based_on for o in orders}
+    for key, resource in requests.items():
+        if key in booked_requests or resource.get("status") not in PLANNED_ORDER_STATUSES:
+            continue  # an order already shown through its appointment is named once
+        order = _service_request_order(kb, key, resource, pool, "order")
+        if order is not None and _in_window(order.when, today, lookahead_days):
+            orders.append(order)
+    return orders
+
+
+def booking_resources(appointments: Any) -> dict[str, dict[str, Any]]:
+    """appointment-book: the context.appointments Bundle, `Type/id` -> resource."""
+    return _bundle_resources(appointments, "context.appointments")
+
+
+def booked_mesotherapy(kb: KnowledgeBase, booking: dict[str, dict[str, Any]],
+                       service_requests: list[dict[str, Any]]) -> list[Order]:
+    """appointment-book: the appointments being booked that are for mesotherapy (their basedOn ServiceRequest is
+    looked up among the booking's own entries, then among the patient's planned orders)."""
+    pool = DraftOrders({**_keyed([r for r in service_requests if r.get("resourceType") == "ServiceRequest"]),
+                        **booking}, {})
+    orders = []
+    for key, resource in booking.items():
+        if resource.get("resourceType") != "Appointment" or resource.get("status") in _NOT_PLANNED:
+            continue
+        order = _appointment_order(kb, key, resource, pool)
+        if order is not None:
+            orders.append(order)
+    return orders
+
+
+def unresolved_based_on(booking: dict[str, dict[str, Any]]) -> bool:
+    """Does an appointment of the booking name a ServiceRequest that is not in the booking itself?"""
+    pool = DraftOrders(booking, {})
+    return any(r.get("resourceType") == "Appointment" and (ref := reference(item)) is not None
+               and pool.resolve(ref) is None
+               for r in booking.values() for item in listed(r.get("basedOn")))

@@ -77,7 +77,20 @@ TEMPLATES: tuple[Template, ...] = (
              "Medication statements"),
 )
 
-LABELS = {t.key: t.label for t in TEMPLATES}
+# What is planned for the patient: read first at patient-view (and at appointment-book, for the orders its
+# appointments are based on); the record is read only when a planned procedure is mesotherapy.
+PLANNED_ORDERS = Template("plannedOrders", "ServiceRequest?patient={{context.patientId}}&status=active,draft",
+                          "Planned orders")
+APPOINTMENTS = Template("appointments", "Appointment?patient={{context.patientId}}&status=proposed,pending,booked",
+                        "Planned appointments")
+PLANNED_TEMPLATES: dict[str, tuple[Template, ...]] = {
+    "order-select": (), "order-sign": (), "patient-view": (PLANNED_ORDERS, APPOINTMENTS),
+    "appointment-book": (PLANNED_ORDERS,),
+}
+HOOK_TEMPLATES: dict[str, tuple[Template, ...]] = {hook: planned + TEMPLATES
+                                                   for hook, planned in PLANNED_TEMPLATES.items()}
+
+LABELS = {t.key: t.label for t in (*TEMPLATES, PLANNED_ORDERS, APPOINTMENTS)}
 # resourceType -> (the PatientRecord list its facts go to, its reader)
 READERS: dict[str, tuple[str, Reader]] = {
     "Condition": ("conditions", read_condition),
@@ -112,7 +125,8 @@ class Gathered:
         self.errors = errors  # FhirError kinds, for the metrics
 
 
-async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSession) -> Gathered:
+async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSession,
+                 templates: tuple[Template, ...] = TEMPLATES) -> Gathered:
     """Every template's resources, fetching the ones prefetch did not supply, all under one deadline."""
     context = request["context"]
     prefetch = request.get("prefetch") or {}
@@ -122,7 +136,7 @@ async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.Clie
     data: dict[str, list[dict[str, Any]]] = {}
     unavailable: dict[str, str] = {}
     jobs: dict[str, Any] = {}
-    for t in TEMPLATES:
+    for t in templates:
         value = prefetch.get(t.key, ABSENT) if isinstance(prefetch, dict) else ABSENT
         if value is None:
             data[t.key] = []

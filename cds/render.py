@@ -45,21 +45,40 @@ def new_uuid7() -> str:
     return str(uuid_utils.uuid7())
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+WHY_SENTENCES = 2  # a card fits a narrow EHR side panel: the why in two sentences, the rest on the rule's page
+WHY_CHARS = 220  # the second sentence is kept only while the why stays this short
+
+
+def first_sentences(text: str, n: int = WHY_SENTENCES, limit: int = WHY_CHARS) -> str:
+    """The first sentence, and the next ones up to `n` while the text stays within `limit` characters."""
+    sentences = _SENTENCE_END.split(" ".join(text.split()))
+    out = sentences[0]
+    for more in sentences[1:n]:
+        if len(out) + 1 + len(more) > limit:
+            break
+        out = f"{out} {more}"
+    return out
+
+
 class _RuleText:
-    """What a rule's cards share, built once: the detail's closing paragraphs, topic and override reasons.
+    """What a rule's cards share, built once: the why and what-to-do paragraph, source, topic, override reasons.
 
     The dicts and lists here go into every card of the rule as they are; cards are serialised, never changed.
     """
 
-    __slots__ = ("tail", "topic", "override_reasons", "link_label")
+    __slots__ = ("advice", "source", "topic", "override_reasons", "link_label")  # source: the card's source.label
 
     def __init__(self, rule: Rule, kb: KnowledgeBase) -> None:
         service = kb.service
-        lines = [f"**Why it matters.** {rule.rationale.strip()}", "", f"**What to do.** {rule.advice.strip()}", ""]
+        why = first_sentences(rule.rationale)
         if rule.extension:
-            lines += [f"_Extension beyond the source articles:_ {rule.extension.strip()}", ""]
-        lines.append(f"Source: {rule.source.citation} Rule `{rule.id}` version {rule.version}.")
-        self.tail = "\n".join(lines)
+            why += " (Beyond the source articles: see the rule's page.)"
+        self.advice = f"**Why:** {why}\n\n**What to do:** {' '.join(rule.advice.split())}"
+        citation = " ".join(rule.source.citation.split())
+        named = [a for a in service.sources if a.lower() in citation.lower()]  # the articles, by their names
+        label = "; ".join(named) if named else citation
+        self.source = label[:1].upper() + label[1:]
         self.topic = {"system": service.topic_system, "code": rule.id, "display": rule.title}
         self.override_reasons = [
             {"system": service.override_reason_system, "code": code, "display": kb.override_reasons[code].display}
@@ -75,29 +94,41 @@ def _rule_text(kb: KnowledgeBase, rule: Rule) -> _RuleText:
     return found  # type: ignore[no-any-return]
 
 
+CONSULTATION = "Consultation before mesotherapy"
+
+
 def card(finding: Finding, orders: list[Order], kb: KnowledgeBase, base_url: str, patient_id: str,
-         new_uuid: Callable[[], str] = new_uuid7) -> dict[str, Any]:
+         new_uuid: Callable[[], str] = new_uuid7, hook: str = "order-sign") -> dict[str, Any]:
+    """The card for one finding. Order hooks offer to remove the draft orders; appointment-book to remove the
+    proposed appointments or book a consultation first; patient-view has no draft to change (links, reasons)."""
     rule = finding.rule
     text = _rule_text(kb, rule)
     summary = rule.summary.get(finding.indicator) or rule.summary[rule.indicator]  # type: ignore[call-overload, index]
-    suggestions = [_remove_orders(orders, new_uuid)]
+    suggestions: list[dict[str, Any]] = []
+    if hook in ("order-select", "order-sign"):
+        suggestions.append(_remove_orders(orders, new_uuid))
+    elif hook == "appointment-book":
+        suggestions.append(_remove_appointments(orders, new_uuid))
+        suggestions.append(_consultation_first(patient_id, new_uuid))
     for s in rule.suggestions:
         entry: dict[str, Any] = {"label": s.label, "uuid": new_uuid()}
         if s.create is not None:
             resource = {**s.create.resource, "subject": {"reference": f"Patient/{patient_id}"}}
             entry["actions"] = [{"type": "create", "description": s.create.description, "resource": resource}]
         suggestions.append(entry)
-    return {
+    out: dict[str, Any] = {
         "uuid": new_uuid(),
         "summary": summary,
         "indicator": finding.indicator,
-        "detail": _detail(finding, orders, text.tail),
-        "source": {"label": kb.service.source_label, "url": f"{base_url}/knowledge", "topic": text.topic},
-        "suggestions": suggestions,
-        "selectionBehavior": "at-most-one",
-        "overrideReasons": text.override_reasons,
-        "links": [{"label": text.link_label, "url": f"{base_url}/knowledge/{rule.id}", "type": "absolute"}],
+        "detail": _detail(finding, orders, text, hook),
+        "source": {"label": text.source, "url": f"{base_url}/knowledge/{rule.id}", "topic": text.topic},
     }
+    if suggestions:
+        out["suggestions"] = suggestions
+        out["selectionBehavior"] = "at-most-one"
+    out["overrideReasons"] = text.override_reasons
+    out["links"] = [{"label": text.link_label, "url": f"{base_url}/knowledge/{rule.id}", "type": "absolute"}]
+    return out
 
 
 def _remove_orders(orders: list[Order], new_uuid: Callable[[], str]) -> dict[str, Any]:
@@ -109,29 +140,97 @@ def _remove_orders(orders: list[Order], new_uuid: Callable[[], str]) -> dict[str
     }
 
 
-def _evidence_line(e: Evidence) -> str:
-    parts = [f"`{md(e.ref)}`: **{md(e.what)}**"]
-    if e.matched:
-        parts.append(f"matched {md(e.matched)}")
-    if e.status:
-        parts.append(md(e.status))
+def _remove_appointments(orders: list[Order], new_uuid: Callable[[], str]) -> dict[str, Any]:
+    return {
+        "label": "Remove the proposed mesotherapy appointment",
+        "uuid": new_uuid(),
+        "actions": [{"type": "delete", "description": f"Remove the proposed appointment {o.label} ({o.ref})",
+                     "resourceId": o.ref} for o in orders],
+    }
+
+
+def _consultation_first(patient_id: str, new_uuid: Callable[[], str]) -> dict[str, Any]:
+    resource = {"resourceType": "Appointment", "status": "proposed",
+                "serviceType": [{"text": CONSULTATION}], "description": CONSULTATION,
+                "participant": [{"actor": {"reference": f"Patient/{patient_id}"}, "status": "needs-action"}]}
+    return {"label": "Book a consultation first", "uuid": new_uuid(),
+            "actions": [{"type": "create", "description": "Propose a consultation with the treating doctor first",
+                         "resource": resource}]}
+
+
+_WHERE = re.compile(r" in ([A-Za-z]+/[A-Za-z0-9\-.]+) \(from ([^)]*)\)")  # an ingredient's order and source: last line
+_SAYS_ALLERGY = re.compile(r"allerg|intoleran|sensitiv|anaphyla", re.IGNORECASE)
+_MATCHED = re.compile(r"^(code|text|answer) \((.*)\)$")
+_LABELS = {"MedicationRequest": "prescription", "MedicationOrder": "prescription",
+           "MedicationStatement": "on the medication list"}
+
+
+def _found(e: Evidence) -> str:
+    """One piece of evidence in clinical words: what, its status and its date ("Pregnancy - active, confirmed,
+    recorded 2026-10-02"); the record's reference and how it was matched go to the card's last line."""
+    rtype = e.ref.split("/", 1)[0]
+    words: list[str] = []
+    if rtype in _LABELS:
+        words.append(f"{e.status} {_LABELS[rtype]}".strip() if e.status else _LABELS[rtype])
+    elif e.status and rtype != "Observation":
+        words.append(md(e.status))
     if e.when:
-        parts.append(f"date {e.when.isoformat()}")
-    parts.extend(md(n) for n in e.notes)
-    if e.raw is not None and (problem := validate_evidence(e.raw)) is not None:
-        parts.append("this record did not pass FHIR validation, so it was read as far as possible "
-                     f"({md(problem[:120])})")
-    return "- " + "; ".join(parts)
+        raw = e.raw or {}
+        if "ended" in e.matched:
+            verb = "ended"
+        elif any(k.startswith("onset") for k in raw):
+            verb = "since"
+        else:
+            verb = "recorded"
+        words.append(f"{verb} {e.when.isoformat()}")
+    words.extend(md(_WHERE.sub("", n)) for n in e.notes)
+    if e.raw is not None and validate_evidence(e.raw) is not None:
+        words.append("this record did not pass FHIR validation; read as far as possible")
+    what = md(e.what)
+    if rtype == "AllergyIntolerance" and not _SAYS_ALLERGY.search(e.what):
+        what = f"Allergy to {what}"  # "Allergy to lidocaine", but "Peanut allergy" as recorded
+    what = what[:1].upper() + what[1:]
+    return f"{what} - {', '.join(words)}" if words else what
 
 
-def _detail(finding: Finding, orders: list[Order], tail: str) -> str:
-    rule = finding.rule
-    order_text = ", ".join(f"**{md(o.label)}** (`{md(o.ref)}`, recognised by {o.matched.by})" for o in orders)
-    lines = [f"**{INDICATOR_WORDS[finding.indicator]}: {md(rule.title)}** for {order_text}.", ""]
-    lines.append("**What was found**")
-    lines.extend(_evidence_line(e) for e in finding.evidence)
+def _planned(o: Order) -> str:
+    what = "appointment" if o.kind == "appointment" else "order"
+    status = f"{o.status} {what}" if o.status else what
+    return f"**{md(o.label)}** - {status}" + (f", {o.when.isoformat()}" if o.when else ", date not set")
+
+
+def _refs(finding: Finding, orders: list[Order]) -> str:
+    parts = []
+    for e in finding.evidence:
+        ref = e.ref if "/" in e.ref else ""
+        how = _MATCHED.sub(r"by \1: \2", e.matched) if e.matched else ""
+        problem = validate_evidence(e.raw) if e.raw is not None else None
+        if problem is not None:
+            how = f"{how}; invalid: {problem[:80]}" if how else f"invalid: {problem[:80]}"
+        for n in e.notes:
+            for order_ref, origin in _WHERE.findall(n):
+                how = f"{how}; ingredient of {order_ref} from {origin}" if how else \
+                    f"ingredient of {order_ref} from {origin}"
+        if ref:
+            parts.append(f"{md(ref)} ({md(how)})" if how else md(ref))
+    for o in orders:
+        via = f" via {md(o.based_on)}" if o.based_on else ""
+        parts.append(f"{md(o.ref)}{via} (by {o.matched.by})")
+    return "; ".join(parts)
+
+
+def _detail(finding: Finding, orders: list[Order], text: _RuleText, hook: str) -> str:
+    evidence = finding.evidence
+    if len(evidence) == 1:
+        lines = [f"**Found:** {_found(evidence[0])}"]
+    else:
+        lines = ["**Found:**", *(f"- {_found(e)}" for e in evidence)]
+    if hook not in ("order-select", "order-sign"):  # what is planned, and when
+        planned = [_planned(o) for o in orders]
+        lines += ["", f"**Planned:** {planned[0]}" if len(planned) == 1
+                  else "\n".join(["**Planned:**", *(f"- {p}" for p in planned)])]
     lines.append("")
     for note in finding.notes:
         lines += [f"> {md(note)}", ""]
-    lines.append(tail)
+    lines += [text.advice, "", f"_Records: {_refs(finding, orders)}._"]
     return "\n".join(lines)

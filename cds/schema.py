@@ -120,6 +120,7 @@ class ServiceFile(Strict):
     description: str
     usage_requirements: str
     source_label: str
+    sources: list[str] = []  # the articles, named as a reader would look them up; cards cite those a rule cites
     topic_system: str
     override_reason_system: str
     override_reasons: list[OverrideReason]

@@ -7,17 +7,27 @@ the other screening modules (setup.py), does the rest: find the mesotherapy orde
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from . import metrics
 from .fhirjson import Coded
+from .hooks import ORDER_HOOKS
 from .knowledge import KnowledgeBase
-from .orders import draft_resources, find_mesotherapy
-from .prefetch import TEMPLATES, build_record, gather
+from .orders import (
+    Order,
+    booked_mesotherapy,
+    booking_resources,
+    draft_resources,
+    find_mesotherapy,
+    planned_mesotherapy,
+    unresolved_based_on,
+)
+from .prefetch import PLANNED_TEMPLATES, TEMPLATES, Gathered, Template, build_record, gather
 from .render import card
-from .rules import evaluate
+from .rules import Finding, evaluate
 from .security import pseudonym
 from .settings import Settings
 from .store import IssuedCard
@@ -40,36 +50,82 @@ class Screening:
 
     async def screen(self, body: dict[str, Any], http: Any, base: str) -> tuple[list[dict[str, Any]], str]:
         """The cards for a validated hook request, and the patient's pseudonym (for the log and the audit)."""
+        cards, patient, _ = await self.screen_keyed(body, http, base)
+        return cards, patient
+
+    async def screen_keyed(self, body: dict[str, Any], http: Any,
+                           base: str) -> tuple[list[dict[str, Any]], str, list[str]]:
+        """`screen`, with each card's repeat key: the same patient, rule, orders or appointments and evidence
+        give the same key at every hook, so an answered card can be recognised when it would show again."""
         context = body["context"]
+        hook = body["hook"]
         patient = pseudonym(context["patientId"], self.patient_key)
-        drafts = draft_resources(context["draftOrders"])
-        orders = find_mesotherapy(self.kb, body["hook"], drafts, context.get("selections"))
+        today = datetime.now(UTC).date()
+        if hook in ORDER_HOOKS:
+            drafts = draft_resources(context["draftOrders"])
+            orders = find_mesotherapy(self.kb, hook, drafts, context.get("selections"))
+            draft_ids = set(drafts.resources)
+        elif hook == "appointment-book":
+            booking = booking_resources(context["appointments"])
+            orders = booked_mesotherapy(self.kb, booking, [])
+            if len(orders) < sum(r.get("resourceType") == "Appointment" for r in booking.values()) \
+                    and unresolved_based_on(booking):  # an appointment's order is elsewhere: read planned orders
+                planned = await self._gather(body, http, PLANNED_TEMPLATES[hook])
+                orders = booked_mesotherapy(self.kb, booking, planned.data.get("plannedOrders", []))
+            draft_ids = set(booking) | {o.based_on for o in orders if o.based_on}
+        else:  # patient-view: what is planned is read first; the record only when mesotherapy is planned
+            planned = await self._gather(body, http, PLANNED_TEMPLATES[hook])
+            if planned.unavailable:
+                log.warning("planned procedures not obtained", extra={"hookInstance": body["hookInstance"],
+                                                                      "reasons": planned.unavailable})
+            orders = planned_mesotherapy(self.kb, planned.data.get("plannedOrders", []),
+                                         planned.data.get("appointments", []), today,
+                                         self.settings.planned_lookahead_days)
+            draft_ids = {o.ref for o in orders} | {o.based_on for o in orders if o.based_on}
         if not orders:
-            return [], patient
-        gathered = await gather(body, self.settings, http)
+            return [], patient, []
+        gathered = await self._gather(body, http, TEMPLATES)
+        if gathered.unavailable:
+            log.warning("FHIR data not obtained", extra={"hookInstance": body["hookInstance"],
+                                                        "reasons": gathered.unavailable})  # no PHI in reasons
+        record = build_record(gathered, context["patientId"], draft_ids, self.relevant)
+        findings = evaluate(self.kb, record, orders, today, self.settings)
+        cards = [card(f, orders, self.kb, base, record.patient.id, hook=hook) for f in findings]
+        return cards, patient, [repeat_key(patient, f, orders) for f in findings]
+
+    async def _gather(self, body: dict[str, Any], http: Any, templates: tuple[Template, ...]) -> Gathered:
+        gathered = await gather(body, self.settings, http, templates)
         unavailable, fetched = len(gathered.unavailable), len(gathered.fetched)
-        for source, n in (("prefetch", len(TEMPLATES) - unavailable - fetched), ("fetched", fetched),
+        for source, n in (("prefetch", len(templates) - unavailable - fetched), ("fetched", fetched),
                           ("unavailable", unavailable)):
             if n:
                 self.prefetch_counters[source].inc(n)
         for kind in gathered.errors:
             metrics.FHIR_ERRORS.labels(kind=kind).inc()
-        if gathered.unavailable:
-            log.warning("FHIR data not obtained", extra={"hookInstance": body["hookInstance"],
-                                                        "reasons": gathered.unavailable})  # no PHI in reasons
-        record = build_record(gathered, context["patientId"], set(drafts.resources), self.relevant)
-        findings = evaluate(self.kb, record, orders, datetime.now(UTC).date(), self.settings)
-        return [card(f, orders, self.kb, base, record.patient.id) for f in findings], patient
+        return gathered
 
-    def issued(self, body: dict[str, Any], cards: list[dict[str, Any]], patient: str) -> list[IssuedCard]:
+    def issued(self, body: dict[str, Any], cards: list[dict[str, Any]], patient: str,
+               keys: list[str] | None = None) -> list[IssuedCard]:
         """The audit store's rows for the cards of one answer."""
         now = datetime.now(UTC)
         hook, instance = body["hook"], body["hookInstance"]
         out = []
-        for c in cards:
+        for i, c in enumerate(cards):
             topic = c["source"]["topic"]["code"]
             out.append(IssuedCard(
                 uuid=c["uuid"], rule_id=topic, rule_version=self.kb.by_id[topic].version, indicator=c["indicator"],
                 hook=hook, hook_instance=instance, patient_pseudonym=patient, issued_at=now,
-                suggestion_uuids=[s["uuid"] for s in c.get("suggestions", [])]))
+                suggestion_uuids=[s["uuid"] for s in c.get("suggestions", [])],
+                repeat_key=keys[i] if keys else None))
         return out
+
+
+def repeat_key(patient: str, finding: Finding, orders: list[Order]) -> str:
+    """sha256 over the patient's pseudonym, the rule (id, version, indicator), the orders or appointments and every
+    piece of evidence as the card tells it (record, what, status, date, notes): any change gives another key."""
+    rule = finding.rule
+    parts = [patient, rule.id, str(rule.version), finding.indicator, "\x1f".join(sorted(o.ref for o in orders))]
+    parts += sorted("\x1f".join((e.ref, e.indicator, e.what, e.status, e.when.isoformat() if e.when else "",
+                                 *e.notes)) for e in finding.evidence)
+    parts += finding.notes
+    return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()

@@ -2,9 +2,11 @@
 
 The verifier follows CDS Hooks "Trusting CDS Clients" and its JWT best practice: the issuer must be
 configured, `aud` is the exact public URL called, the key is picked by `kid` from the issuer's pinned JWKS
-(or from a `jku` on the issuer's list), only RS/PS/ES 256/384 are accepted, and every `jti` is used once.
-Only configured URLs are ever fetched. A rejection raises `NotAuthenticated(reason)`: the reason is for the
-log, never for the caller, and the token itself is never logged.
+(or from a `jku` on the issuer's list; a `jku` not on it is never fetched, and the token is verified with the
+issuer's configured keys when its `kid` is among them, as the CDS Hooks Sandbox's tokens need), only
+RS/PS/ES 256/384 are accepted, and every `jti` is used once. Only configured URLs are ever fetched. A
+rejection raises `NotAuthenticated(reason)`: the reason is for the log, never for the caller, and the token
+itself is never logged.
 """
 
 from __future__ import annotations
@@ -358,11 +360,12 @@ class ClientVerifier:
 
     async def _key(self, cfg: IssuerConfig, header: dict[str, Any], kid: str, alg: str) -> PyJWK:
         jku = header.get("jku")
-        if jku is not None:
-            if jku not in cfg.jku and jku != cfg.jwks_url:
-                raise NotAuthenticated(f"jku {str(jku)[:300]!r} is not on the list of {cfg.issuer}")
+        if jku is not None and (jku in cfg.jku or jku == cfg.jwks_url):
             keyset = await self._remote(jku, kid)
-        elif cfg.jwks is not None:
+        elif jku is not None and not (await self._configured_has(cfg, kid)):
+            raise NotAuthenticated(f"jku {str(jku)[:300]!r} is not on the list of {cfg.issuer}, "
+                                   f"and kid {kid!r} is not among its configured keys")
+        elif cfg.jwks is not None:  # an unlisted jku is never fetched: the issuer's own keys decide
             keyset = _KeySet(cfg.jwks, math.inf)
         elif cfg.jwks_url:
             keyset = await self._remote(cfg.jwks_url, kid)
@@ -385,6 +388,17 @@ class ClientVerifier:
                 raise NotAuthenticated(f"key {kid!r} of {cfg.issuer} is shorter than 2048 bits")
             keyset.parsed[(kid, alg)] = parsed
         return parsed
+
+    async def _configured_has(self, cfg: IssuerConfig, kid: str) -> bool:
+        """Is `kid` among the issuer's configured keys (inline, or at its configured jwks_url)?"""
+        if cfg.jwks is not None:
+            return kid in cfg.jwks
+        if cfg.jwks_url:
+            try:
+                return kid in (await self._remote(cfg.jwks_url, kid)).keys
+            except NotAuthenticated:
+                return False
+        return False
 
     async def _remote(self, url: str, kid: str) -> _KeySet:
         """The JWKS at url, cached; fetched if missing or stale, and once per interval on an unknown kid."""

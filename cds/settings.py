@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     http_keepalive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_text_chars: int = 4096  # a longer text in a record is matched on its first part only, never memoised
 
+    # Hooks beyond orders, and repeated interruptions (issue 16)
+    planned_lookahead_days: int = Field(default=180, ge=1)  # patient-view: plans dated up to this far ahead
+    answered_card_memory_hours: float = Field(default=24.0, ge=0)  # 0: every card is shown at every hook
+    answered_card_refresh_s: float = Field(default=1.0, ge=0)  # how often a process rereads the answered cards
+
     @field_validator("allowed_fhir_servers", mode="before")
     @classmethod
     def _parse_servers(cls, value: Any) -> Any:

@@ -94,6 +94,7 @@ class IssuedCard:
     patient_pseudonym: str | None
     issued_at: datetime  # timezone-aware
     suggestion_uuids: list[str] = field(default_factory=list)
+    repeat_key: str | None = None  # what makes it "the same card" for the answered-card memory (issue 16)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ issued_cards = sa.Table(
     sa.Column("patient_pseudonym", sa.Text),
     sa.Column("issued_at", UTCDateTime, nullable=False),
     sa.Column("suggestion_uuids", sa.Text, nullable=False),
+    sa.Column("repeat_key", sa.Text),
 )
 feedback = sa.Table(
     "feedback", metadata,
@@ -159,6 +161,19 @@ feedback = sa.Table(
     sa.Column("outcome_timestamp", UTCDateTime, nullable=False),
     sa.Column("dedup_key", sa.String(64), nullable=False, unique=True),
     sa.Column("received_at", UTCDateTime),
+)
+answered_cards = sa.Table(
+    "answered_cards", metadata,
+    sa.Column("repeat_key", sa.Text, primary_key=True),
+    sa.Column("answered_at", UTCDateTime, nullable=False),
+)
+suppressed_cards = sa.Table(
+    "suppressed_cards", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("rule_id", sa.Text, nullable=False),
+    sa.Column("rule_version", sa.Integer, nullable=False),
+    sa.Column("hook", sa.Text, nullable=False),
+    sa.Column("suppressed_at", UTCDateTime, nullable=False),
 )
 jwt_replay = sa.Table(
     "jwt_replay", metadata,
@@ -268,7 +283,7 @@ class Store:
             row = {"uuid": c.uuid, "rule_id": c.rule_id, "rule_version": int(c.rule_version),
                    "indicator": c.indicator, "hook": c.hook, "hook_instance": c.hook_instance,
                    "patient_pseudonym": c.patient_pseudonym, "issued_at": issued_at,
-                   "suggestion_uuids": orjson.dumps(list(c.suggestion_uuids)).decode()}
+                   "suggestion_uuids": orjson.dumps(list(c.suggestion_uuids)).decode(), "repeat_key": c.repeat_key}
             rows.append(tuple(row[name] for name in self._card_columns))
         if self._card_writer is not None:
             async with self._guard("record_cards"):
@@ -320,7 +335,23 @@ class Store:
                 if e.card_uuid not in known:
                     raise UnknownCard(e.card_uuid)
             result = await conn.execute(stmt, list(rows.values()))
-            return len(result.all())
+            stored = len(result.all())
+            await _remember_answered(conn, self._insert, {e.card_uuid for e in entries}, received_at)
+            return stored
+
+    async def answered_since(self, since: datetime) -> list[tuple[str, datetime]]:
+        """Repeat keys of cards answered with feedback at or after `since`, with when (the latest answer)."""
+        async with self._read("answered") as conn:
+            result = await conn.execute(sa.select(answered_cards.c.repeat_key, answered_cards.c.answered_at)
+                                        .where(answered_cards.c.answered_at >= since))
+            return [(key, at) for key, at in result.all()]
+
+    async def record_suppressed(self, rows: Sequence[tuple[str, int, str]], at: datetime) -> None:
+        """Count cards not shown again because they were answered: (rule id, rule version, hook) each."""
+        if rows:
+            async with self._write("record_suppressed") as conn:
+                await conn.execute(sa.insert(suppressed_cards), [
+                    {"rule_id": r, "rule_version": int(v), "hook": h, "suppressed_at": at} for r, v, h in rows])
 
     async def claim_jti(self, key: str, expires_at: float) -> bool:
         """Claim a token id until `expires_at` (Unix seconds): True the first time, False while it is claimed.
@@ -381,12 +412,16 @@ class Store:
                 .select_from(joined)
                 .where(f.c.outcome == "overridden", f.c.override_reason_code.is_not(None))
                 .group_by(c.c.rule_id, c.c.rule_version, f.c.override_reason_code))).all()
+            suppressed = (await conn.execute(
+                sa.select(suppressed_cards.c.rule_id, suppressed_cards.c.rule_version, sa.func.count())
+                .group_by(suppressed_cards.c.rule_id, suppressed_cards.c.rule_version))).all()
 
         rules: dict[tuple[str, int], dict[str, Any]] = {}
 
         def entry(rule: str, version: int) -> dict[str, Any]:
             return rules.setdefault((rule, version), {"rule": rule, "version": str(version), "issued": 0,
-                                                      "accepted": 0, "overridden": 0, "override_reasons": {}})
+                                                      "accepted": 0, "overridden": 0, "override_reasons": {},
+                                                      "suppressed": 0})
 
         for rule, version, count in issued:
             entry(rule, version)["issued"] = int(count)
@@ -394,6 +429,8 @@ class Store:
             entry(rule, version)[outcome] = int(count)
         for rule, version, code, count in sorted(reasons, key=lambda r: (-r[3], r[2])):
             entry(rule, version)["override_reasons"][code] = int(count)
+        for rule, version, count in suppressed:  # answered cards not shown again at a later hook
+            entry(rule, version)["suppressed"] = int(count)
         return {"rules": [rules[k] for k in sorted(rules)]}
 
     # ---- plumbing
@@ -455,6 +492,21 @@ async def _existing_cards(conn: AsyncConnection, uuids: Iterable[str]) -> set[st
         result = await conn.execute(sa.select(issued_cards.c.uuid).where(issued_cards.c.uuid.in_(chunk)))
         found.update(result.scalars())
     return found
+
+
+async def _remember_answered(conn: AsyncConnection, insert: Any, uuids: set[str], at: datetime) -> None:
+    """The repeat keys of cards just answered are remembered from `at` (a later answer renews the memory)."""
+    keys: set[str] = set()
+    wanted = sorted(uuids)
+    for i in range(0, len(wanted), _IN_CHUNK):
+        result = await conn.execute(sa.select(issued_cards.c.repeat_key).where(
+            issued_cards.c.uuid.in_(wanted[i:i + _IN_CHUNK]), issued_cards.c.repeat_key.is_not(None)))
+        keys.update(result.scalars())
+    if keys:
+        stmt = insert(answered_cards)
+        await conn.execute(stmt.on_conflict_do_update(index_elements=[answered_cards.c.repeat_key],
+                                                      set_={"answered_at": stmt.excluded.answered_at}),
+                           [{"repeat_key": k, "answered_at": at} for k in sorted(keys)])
 
 
 def _sqlstate(exc: BaseException) -> str | None:

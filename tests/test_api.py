@@ -46,19 +46,25 @@ def assert_valid_card(card: dict[str, Any], draft_refs: set[str]) -> None:
         assert reason["system"] and reason["code"] and reason["display"]
     for link in card["links"]:
         assert link["label"] and link["type"] == "absolute" and urlsplit(link["url"]).scheme in ("http", "https")
-    assert "**What was found**" in card["detail"]
+    assert card["detail"].startswith("**Found:**")
 
 
-def test_discovery_lists_the_service_for_both_hooks(client: httpx.Client) -> None:
+RECORD_KEYS = {"patient", "conditions", "allergies", "pregnancyStatus", "breastfeedingStatus", "medicationRequests",
+               "medicationStatements"}
+
+
+def test_discovery_lists_one_service_per_hook(client: httpx.Client) -> None:
     response = client.get("/cds-services")
     assert response.status_code == 200
     services = response.json()["services"]
     assert [(s["id"], s["hook"]) for s in services] == [
-        ("mesotherapy-contraindications", "order-select"), ("mesotherapy-contraindications", "order-sign")]
+        ("mesotherapy-order-select", "order-select"), ("mesotherapy-order-sign", "order-sign"),
+        ("mesotherapy-patient-view", "patient-view"), ("mesotherapy-appointment-book", "appointment-book")]
+    planned = {"order-select": set(), "order-sign": set(), "patient-view": {"plannedOrders", "appointments"},
+               "appointment-book": {"plannedOrders"}}
     for s in services:
         assert s["title"] and s["description"] and s["usageRequirements"]
-        assert set(s["prefetch"]) == {"patient", "conditions", "allergies", "pregnancyStatus", "breastfeedingStatus",
-                                      "medicationRequests", "medicationStatements"}
+        assert set(s["prefetch"]) == RECORD_KEYS | planned[s["hook"]]
         for template in s["prefetch"].values():
             assert RESTRICTED_QUERY.match(template), template
             assert "draftOrders" not in template and "selections" not in template
@@ -101,8 +107,14 @@ def test_card_detail_cites_evidence_and_source(client: httpx.Client) -> None:
     response = client.post(SERVICE, json=scenario_request("pregnancy-active-condition-snomed"))
     card = response.json()["cards"][0]
     assert card["summary"] == "Mesotherapy contraindicated: active pregnancy"
-    assert "Condition/" in card["detail"] and "77386006" in card["detail"]
-    assert "matched code" in card["detail"] and "Seed article" in card["detail"]
+    detail = card["detail"]
+    assert detail.startswith("**Found:** Pregnancy - active, confirmed, since ")
+    last = detail.splitlines()[-1]
+    assert "Condition/" in last and "77386006" in last and "(by code: " in last
+    label = card["source"]["label"]  # CDS Hooks: the primary source of the guidance, named as a reader looks it up
+    assert label.startswith("The hospital's article (Tam Anh General Hospital, Hanoi, Department of Aesthetics")
+    assert "the clinic's article \"Can I consider the fractional microneedle mesotherapy during pregnancy?\"" in label
+    assert card["source"]["url"] == card["links"][0]["url"]
     page = httpx.get(card["links"][0]["url"])
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "version 2" in page.text and "absolute contraindications" in page.text
@@ -262,3 +274,32 @@ def test_evidence_the_fhir_models_trip_over_still_counts_and_the_card_says_so(cl
     card = next(c for c in response.json()["cards"] if c["source"]["topic"]["code"] == "pregnancy")
     assert card["indicator"] == "critical"
     assert "did not pass FHIR validation" in card["detail"]
+
+
+@pytest.mark.parametrize(("service_id", "hook"), [
+    ("mesotherapy-order-select", "order-sign"), ("mesotherapy-order-sign", "order-select"),
+    ("mesotherapy-patient-view", "order-select"), ("mesotherapy-appointment-book", "patient-view"),
+    ("mesotherapy-contraindications", "patient-view")])
+def test_a_hook_sent_to_another_hooks_service_is_a_400_naming_the_served_hook(
+        client: httpx.Client, service_id: str, hook: str) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    request["hook"] = hook
+    response = client.post(f"/cds-services/{service_id}", json=request)
+    assert response.status_code == 400
+    served = {"mesotherapy-contraindications": "order-select, order-sign"}.get(
+        service_id, service_id.removeprefix("mesotherapy-"))
+    assert response.json()["issue"][0]["diagnostics"] == (
+        f"hook {hook!r} is not served by this service (it serves {served})")
+
+
+@pytest.mark.parametrize("hook", ["order-select", "order-sign"])
+def test_the_first_service_id_still_answers_both_order_hooks(client: httpx.Client, hook: str) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    request["hook"] = hook
+    request["context"]["patientId"] = f"legacy-{hook}"  # the feedback below must not hide cards of other tests
+    response = client.post(SERVICE, json=request)
+    assert response.status_code == 200 and response.json()["cards"][0]["source"]["topic"]["code"] == "pregnancy"
+    card = response.json()["cards"][0]
+    for service_id in (SERVICE, f"/cds-services/mesotherapy-{hook}"):  # feedback is taken at every service id
+        entry = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-21T09:00:00Z"}
+        assert client.post(f"{service_id}/feedback", json={"feedback": [entry]}).status_code == 200

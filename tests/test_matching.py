@@ -80,8 +80,8 @@ def test_rules_skipped_for_lack_of_data_would_have_found_nothing() -> None:
     skipped = fired = 0
     for path in sorted((FIXTURES / "scenarios").glob("*.json")):
         request = json.loads(path.read_text()).get("request")
-        if request is None:
-            continue  # raw-body scenarios: bad input
+        if request is None or request.get("hook") not in ("order-select", "order-sign"):
+            continue  # raw-body scenarios: bad input; the hooks beyond orders reach the same rules (other tests)
         context = request["context"]
         try:
             drafts = draft_resources(validate_request(request)["context"]["draftOrders"])

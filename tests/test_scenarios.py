@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -44,10 +45,21 @@ def test_corpus_is_large_enough() -> None:
     assert len(SCENARIOS) >= 30
 
 
+FHIR_TOKEN = "fhir-test-token"  # conftest's fhir_server requires it
+
+
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
-def test_scenario(path: Path, client: httpx.Client) -> None:
+def test_scenario(path: Path, client: httpx.Client, request: pytest.FixtureRequest) -> None:
     scenario = with_dates(json.loads(path.read_text(encoding="utf-8")))
     url = scenario.get("path", "/cds-services/mesotherapy-contraindications")
+    fhir = None
+    if "fhir" in scenario:  # the fetch path: the record is on a real FHIR server, not in prefetch
+        fhir = request.getfixturevalue("fhir_server")
+        fhir.reset()
+        fhir.load(scenario["fhir"])
+        scenario["request"].update(fhirServer=fhir.base_url, fhirAuthorization={
+            "access_token": FHIR_TOKEN, "token_type": "Bearer", "expires_in": 300, "scope": "patient/*.read",
+            "subject": "meso-cds"})
     if "raw_body" in scenario:
         response = client.post(url, content=scenario["raw_body"].encode(), headers={"Content-Type": "application/json"})
     else:
@@ -64,3 +76,7 @@ def test_scenario(path: Path, client: httpx.Client) -> None:
         return
     acceptable = [expect["cards"], *expect.get("alternatives", [])]
     assert topics(response) in acceptable, json.dumps(response.json(), indent=1)[:3000]
+    if fhir is not None and "reads" in expect:
+        read = {next(part for part in urlsplit(r["path"]).path.split("/") if part[:1].isupper())
+                for r in fhir.requests() if r["method"] == "GET"}
+        assert read <= set(expect["reads"]), read

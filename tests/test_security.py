@@ -339,7 +339,7 @@ def test_jku_not_on_the_list_is_never_fetched(issuer, keys, server):
     token = sign(keys["attacker"], "RS384", "a", jku=evil)
     assert rejected(run(make_settings(cfg), [token])[0], "is not on the list")
     assert server.hits[evil.removeprefix(server.base_url)] == 0
-    assert server.hits[url.removeprefix(server.base_url)] == 0
+    assert server.hits[url.removeprefix(server.base_url)] <= 1  # the issuer's configured keys: kid 'a' is not there
 
 
 def test_jku_on_the_list_is_used(issuer, keys, server):

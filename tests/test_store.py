@@ -106,11 +106,11 @@ def test_record_and_summary_counts_exact(db_url: str) -> None:
             assert new == 8
             assert await store.summary() == {"rules": [
                 {"rule": "bleeding-risk", "version": "1", "issued": 3, "accepted": 0, "overridden": 1,
-                 "override_reasons": {"benefit-outweighs-risk": 1}},
+                 "override_reasons": {"benefit-outweighs-risk": 1}, "suppressed": 0},
                 {"rule": "pregnancy", "version": "2", "issued": 2, "accepted": 0, "overridden": 1,
-                 "override_reasons": {}},
+                 "override_reasons": {}, "suppressed": 0},
                 {"rule": "pregnancy", "version": "3", "issued": 5, "accepted": 3, "overridden": 3,
-                 "override_reasons": {"negative-pregnancy-test": 2, "not-pregnant-confirmed": 1}},
+                 "override_reasons": {"negative-pregnancy-test": 2, "not-pregnant-confirmed": 1}, "suppressed": 0},
             ]}
             async with store._engine.connect() as conn:
                 row = (await conn.execute(sa.select(issued_cards).where(issued_cards.c.uuid == "p3-1"))).one()
@@ -217,7 +217,7 @@ def test_duplicate_feedback_is_stored_once(db_url: str) -> None:
             assert await count_rows(store, feedback) == 6
             rules = (await store.summary())["rules"]
             assert rules == [{"rule": "pregnancy", "version": "3", "issued": 2, "accepted": 3, "overridden": 3,
-                              "override_reasons": {"r1": 1, "r2": 1}}]
+                              "override_reasons": {"r1": 1, "r2": 1}, "suppressed": 0}]
 
     run(scenario())
 
@@ -308,7 +308,7 @@ def test_killed_process_loses_no_committed_write(db_url: str) -> None:
         async with await Store.open(db_url) as store:
             rules = (await store.summary())["rules"]
             assert rules == [{"rule": "pregnancy", "version": "3", "issued": 50, "accepted": 50, "overridden": 0,
-                              "override_reasons": {}}]
+                              "override_reasons": {}, "suppressed": 0}]
             assert await store.claim_jti("killed-jti", time.time() + 600) is False
 
     run(check())
@@ -401,11 +401,11 @@ def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None
     reasons = {f"r{m}": per_rule * sum(1 for w in range(workers) if w % 3 == m) for m in range(3)}
     assert run(check()) == {"rules": [
         {"rule": "bleeding-risk", "version": "1", "issued": per_rule, "accepted": per_rule,
-         "overridden": per_rule * workers, "override_reasons": reasons},
+         "overridden": per_rule * workers, "override_reasons": reasons, "suppressed": 0},
         {"rule": "concurrency", "version": "1", "issued": 10 * workers, "accepted": 0, "overridden": 0,
-         "override_reasons": {}},
+         "override_reasons": {}, "suppressed": 0},
         {"rule": "pregnancy", "version": "3", "issued": per_rule, "accepted": per_rule,
-         "overridden": per_rule * workers, "override_reasons": reasons},
+         "overridden": per_rule * workers, "override_reasons": reasons, "suppressed": 0},
     ]}
 
 
@@ -447,7 +447,7 @@ def test_migrations_upgrade_an_old_schema(db_url: str) -> None:
             assert await store.schema_version() == migrations.LATEST
             assert await store.summary() == {"rules": [
                 {"rule": "pregnancy", "version": "2", "issued": 3, "accepted": 0, "overridden": 1,
-                 "override_reasons": {"negative-pregnancy-test": 1}}]}
+                 "override_reasons": {"negative-pregnancy-test": 1}, "suppressed": 0}]}
             async with store._engine.connect() as conn:
                 received = (await conn.execute(sa.select(feedback.c.received_at))).scalar_one()
                 assert received == T0  # backfilled from the outcome time

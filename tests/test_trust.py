@@ -231,3 +231,36 @@ def test_cors_is_off_by_default_and_opens_for_named_origins(service: Service) ->
         assert topics(via_router) == topics(fast) == {"pregnancy": "critical", "allergy-history": "warning"}
         bad = httpx.post(svc.base_url + SERVICE, content=b"{", headers={"Origin": preflight["Origin"]})
         assert bad.status_code == 400 and bad.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize("case", ["listed", "unlisted-known-kid", "unlisted-unknown-kid"])
+def test_jku_header(ehr: Ehr, jwks: JwksServer, case: str) -> None:
+    """The reference sandbox names its public JWKS in `jku`: a jku not on the issuer's list is never fetched; the
+    token is verified with the issuer's configured keys when its kid is among them, else 401."""
+    listed = jwks.publish(f"/listed-{case}.json", {"keys": [
+        {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(ehr.rsa.public_key())), "kid": "rsa-1", "alg": "RS384"}]})
+    unlisted = jwks.publish(f"/unlisted-{case}.json", {"keys": [
+        {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(ehr.rsa.public_key())), "kid": "rsa-9", "alg": "RS384"}]})
+    svc = Service()
+    svc.env.update({"CDS_ENV": "prod", "CDS_PUBLIC_BASE_URL": svc.base_url, "CDS_PSEUDONYM_KEY": "k",
+                    "CDS_TRUSTED_ISSUERS": json.dumps({ISSUER: {"jwks_url": ehr.jwks_url, "jku": [listed]}})})
+    now = int(time.time())
+    with svc:
+        aud = svc.base_url + SERVICE
+
+        def token(jku: str, kid: str) -> str:
+            return jwt.encode({"iss": ISSUER, "aud": aud, "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex},
+                              ehr.rsa, algorithm="RS384", headers={"kid": kid, "typ": "JWT", "jku": jku})
+
+        if case == "listed":
+            answer = call(svc, SERVICE, token(listed, "rsa-1"), hook_request())
+            assert answer.status_code == 200 and answer.json()["cards"]
+            assert jwks.hits[listed.removeprefix(jwks.url(""))] == 1
+        elif case == "unlisted-known-kid":  # rsa-1 is in the issuer's configured jwks_url
+            answer = call(svc, SERVICE, token(unlisted, "rsa-1"), hook_request())
+            assert answer.status_code == 200 and answer.json()["cards"]
+        else:  # rsa-9 is only at the unlisted URL, which must not be trusted or fetched
+            answer = call(svc, SERVICE, token(unlisted, "rsa-9"), hook_request())
+            assert answer.status_code == 401
+            assert answer.json()["issue"][0]["diagnostics"] == "authentication required"
+        assert jwks.hits[unlisted.removeprefix(jwks.url(""))] == 0
