@@ -354,10 +354,11 @@ class Evaluation:
                         named = sorted(allergens.intersection(ingredient.members))
                         names = ", ".join(kb.ingredients[a].display for a in named)
                         hit = (leaf.ingredient_allergy.related_indicator,
-                               f"the ordered {ingredient.display} may include {names} ({order.ref}, from {ing.source})")
+                               f"the ordered {ingredient.display} may include {names}: {source}")
                     elif any(ing.id in kb.ingredients[a].members for a in allergens):  # a group allergen
                         hit = (leaf.ingredient_allergy.related_indicator,
-                               f"an allergy to unspecified vitamins or a mix may include ordered ingredient {source}")
+                               f"an allergy to a mix whose contents are not recorded may include ordered ingredient "
+                               f"{source}")
                     elif ingredient.ingredient_class and ingredient.ingredient_class in classes:
                         hit = ("critical", f"allergy to the class of ordered ingredient {source}")
                     elif ingredient.ingredient_class and any(
