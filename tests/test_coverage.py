@@ -74,23 +74,27 @@ def vocabularies() -> dict[str, list[Entry]]:
 @dataclass
 class Reviewed:
     codes: dict[tuple[str, str], str]  # (system, code) -> reason
-    prefixes: dict[str, list[tuple[str, str]]]  # system -> [(prefix, reason)]
+    prefixes: dict[str, dict[str, str]]  # system -> {prefix: reason}
+    lengths: dict[str, list[int]]  # system -> prefix lengths
 
     def reason(self, system: str, code: str) -> str | None:
         key = icd_key(code) if system == ICD10CM else code
         found = self.codes.get((system, key))
         if found is not None:
             return found
-        for prefix, why in self.prefixes.get(system, ()):
-            if key.startswith(prefix):
-                return why
+        table = self.prefixes.get(system)
+        if table:
+            for length in self.lengths[system]:
+                if (why := table.get(key[:length])) is not None and len(key) >= length:
+                    return why
         return None
+
 
 
 @cache
 def reviewed() -> Reviewed:
     codes: dict[tuple[str, str], str] = {}
-    prefixes: dict[str, list[tuple[str, str]]] = {}
+    prefixes: dict[str, dict[str, str]] = {}
     for path in sorted((CARDS / "reviewed").glob("*.yaml")):
         spec = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         assert set(spec) == {"groups"}, f"{path.name}: only `groups:` is allowed"
@@ -107,8 +111,8 @@ def reviewed() -> Reviewed:
                     codes[(system, key)] = reason
                 else:
                     prefix = icd_key(str(item["prefix"])) if system == ICD10CM else str(item["prefix"])
-                    prefixes.setdefault(system, []).append((prefix, reason))
-    return Reviewed(codes, prefixes)
+                    prefixes.setdefault(system, {})[prefix] = reason
+    return Reviewed(codes, prefixes, {s: sorted({len(p) for p in t}) for s, t in prefixes.items()})
 
 
 @cache
@@ -126,7 +130,7 @@ def in_value_sets(kb: KnowledgeBase, e: Entry) -> set[str]:
 def by_text(kb: KnowledgeBase, e: Entry) -> set[str]:
     if e.vocabulary != "VSAC" or not e.display:
         return set()
-    return TEXT_COVERED_SETS & set(kb.index.hits(Coded((), (e.display,))))
+    return {vs for vs in TEXT_COVERED_SETS if kb.valuesets[vs].text.search(e.display)}
 
 
 def audit() -> tuple[dict[str, Counter[str]], list[Entry], list[tuple[Entry, set[str], str]]]:
