@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test install install-test lint bench clean
+.PHONY: run test install install-test lint bench clean vocab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,19 @@ lint: install-test
 
 bench: install-test  # BENCH_ARGS="--duration 2 --warmup 0.5" for a quick run
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Regenerate the coverage audit's vocabularies (fixtures/vocabularies/README.md): the seeded synthetic population
+# (about an hour of Synthea on two cores), the ICD-10 tabular lists and the VSAC expansions in a checkout of
+# cqframework/ecqm-content-qicore-2024 (Q24=path), then write the reviewed decisions into cards/.
+VOCAB_VENV ?= /tmp/vocab-venv
+VOCAB_OUT ?= /tmp/vocab-out
+Q24 ?= ../ecqm-content-qicore-2024
+vocab: install
+	test -x $(VOCAB_VENV)/bin/python || $(PYTHON) -m venv $(VOCAB_VENV)
+	$(VOCAB_VENV)/bin/python -m pip install --quiet -r fixtures/vocabularies/requirements.txt
+	PATH=$(VOCAB_VENV)/bin:$$PATH $(VOCAB_VENV)/bin/python fixtures/vocabularies/build.py --generate \
+		--generated $(VOCAB_OUT) --q24 $(Q24)
+	$(BIN)/python fixtures/vocabularies/apply.py
 
 clean:
 	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache build cds/*.so cds_native__mypyc*.so

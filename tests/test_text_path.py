@@ -30,14 +30,24 @@ def by_text(text: str) -> set[str]:
     return set(KB.index.hits(Coded((), (text,))))
 
 
+EXEMPT = yaml.safe_load((ROOT / "cards" / "text-exemptions.yaml").read_text(encoding="utf-8"))
+
+
 def test_every_listed_display_is_found_by_text_alone() -> None:
-    missed = []
+    """Except the reviewed few in cards/text-exemptions.yaml (rare eponyms, labels with no safe word)."""
+    missed, found, exempt = [], 0, 0
     for vs_id, data in VALUESETS.items():
+        skip = set(EXEMPT.get(vs_id, {}).get("displays", []))
         for entry in data.get("codes", []) + data.get("prefixes", []):
             display = entry["display"]
-            if vs_id not in by_text(display) and not _family(vs_id, display):
+            if vs_id in by_text(display) or _family(vs_id, display):
+                found += 1
+            elif display in skip:
+                exempt += 1
+            else:
                 missed.append(f"{vs_id}: {display!r}")
     assert not missed, f"{len(missed)} displays not found by text, first: {missed[:15]}"
+    assert found > 10 * exempt, (found, exempt)  # the exemptions stay the exception
 
 
 def _family(vs_id: str, display: str) -> bool:
