@@ -135,7 +135,10 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     problems = check_production_settings(settings)
     if problems:
         raise ConfigError("; ".join(problems))
-    kb = load_knowledge(settings.knowledge_dir, env=settings.env)
+    kb = load_knowledge(settings.knowledge_dir, env=settings.env).with_overrides(settings.silent_rules,
+                                                                                 settings.active_rules)
+    if kb.silent:
+        log.warning("silent mode: rules %s are computed and recorded, not shown", ", ".join(sorted(kb.silent)))
     discovery = discovery_document(kb)
     screening = Screening(kb, settings, pseudonym_key(settings))
 
@@ -207,6 +210,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     latency = {hook: metrics.REQUEST_LATENCY.labels(hook=hook) for hook in SERVED_HOOKS}
     card_counters = {(rule.id, level): metrics.CARDS.labels(topic=rule.id, indicator=level)
                      for rule in kb.rules for level in ("info", "warning", "critical")}
+    silent_counters = {(rule.id, level): metrics.SILENT_CARDS.labels(topic=rule.id, indicator=level)
+                       for rule in kb.rules if rule.id in kb.silent for level in ("info", "warning", "critical")}
 
     async def call_service(request: Request) -> Response:
         """The hook endpoint, a plain Starlette route: FastAPI's parameter solving costs more than the work."""
@@ -217,7 +222,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         started = time.perf_counter()
         body = validate_request(await read_json(request, settings.max_body_bytes))
         try:
-            cards, patient = await screening.screen(body, request.app.state.fhir_http, base_url(request))
+            cards, silent, patient = await screening.screen(body, request.app.state.fhir_http, base_url(request))
         except DataUnavailable as exc:
             log.warning("hook refused: %s", exc.message, extra={"hookInstance": body["hookInstance"],
                                                                  "hook": body["hook"], "status": 412})
@@ -229,8 +234,13 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             card_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
         if cards:  # queued for the audit store; the answer never waits for the database
             request.app.state.audit.submit(screening.issued(body, cards, patient))
+        if silent:  # silent mode: recorded and counted, not returned
+            for c in silent:
+                silent_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
+            request.app.state.audit.submit(screening.issued(body, silent, patient, silent=True))
         log.info("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
-                                         "patient": patient, "cards": len(cards), "ms": round(elapsed * 1000, 1)})
+                                         "patient": patient, "cards": len(cards), "silent": len(silent),
+                                         "ms": round(elapsed * 1000, 1)})
         return FhirJSON({"cards": cards})  # render.card never emits null or empty values (tests check every response)
 
     app.add_route("/cds-services/{service_id}", call_service, methods=["POST"])
@@ -265,6 +275,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     @app.get("/feedback/summary")
     async def feedback_summary(request: Request, claims: Client) -> Response:
         try:
+            await request.app.state.audit.flush()  # the cards answered a moment ago count
             summary = await request.app.state.store.summary()
         except StoreError:
             raise ServiceUnavailable("the audit store is unavailable; retry later") from None
@@ -273,7 +284,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     @app.get("/knowledge", response_class=HTMLResponse)
     async def knowledge_index(request: Request) -> HTMLResponse:
         items = "".join(f'<li><a href="{base_url(request)}/knowledge/{r.id}">{html.escape(r.title)}</a> '
-                        f"(rule v{r.version}, {r.indicator})</li>" for r in kb.rules)
+                        f"(rule v{r.version}, {r.indicator}{', silent' if r.id in kb.silent else ''})</li>"
+                        for r in kb.rules)
         return HTMLResponse(_page(kb.service.source_label,
                                   f"<p>{html.escape(kb.service.description)}</p><ul>{items}</ul>"))
 
@@ -283,7 +295,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         if rule is None:
             raise ServiceNotFound(f"no rule {rule_id!r}")
         e = html.escape
-        body = (f"<p>Rule <code>{e(rule.id)}</code>, version {rule.version}, status {e(rule.status)}, "
+        body = (f"<p>Rule <code>{e(rule.id)}</code>, version {rule.version}, status {e(kb.status(rule))}, "
                 f"indicator {e(rule.indicator)}.</p>"
                 + (f"<p><em>Extension beyond the source articles:</em> {e(rule.extension)}</p>" if rule.extension
                    else "")

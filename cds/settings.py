@@ -62,12 +62,22 @@ class Settings(BaseSettings):
     childbearing_age_min: int = 12
     childbearing_age_max: int = 55
 
+    # silent mode (issue 17): rule ids computed, recorded and counted but not returned, in this deployment;
+    # `active_rules` shows rules whose status in cards/ is `silent`
+    silent_rules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    active_rules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     max_body_bytes: int = 1_048_576
 
     @field_validator("allowed_fhir_servers", mode="before")
     @classmethod
     def _parse_servers(cls, value: Any) -> Any:
         return [s.rstrip("/") for s in _split_list(value)]
+
+    @field_validator("silent_rules", "active_rules", mode="before")
+    @classmethod
+    def _parse_rule_ids(cls, value: Any) -> Any:
+        return _split_list(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +94,7 @@ class IssuedCard:
     patient_pseudonym: str | None
     issued_at: datetime  # timezone-aware
     suggestion_uuids: list[str] = field(default_factory=list)
+    silent: bool = False  # silent mode: computed and recorded, not returned to the EHR
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ issued_cards = sa.Table(
     sa.Column("patient_pseudonym", sa.Text),
     sa.Column("issued_at", UTCDateTime, nullable=False),
     sa.Column("suggestion_uuids", sa.Text, nullable=False),
+    sa.Column("silent", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 feedback = sa.Table(
     "feedback", metadata,
@@ -268,7 +270,7 @@ class Store:
             row = {"uuid": c.uuid, "rule_id": c.rule_id, "rule_version": int(c.rule_version),
                    "indicator": c.indicator, "hook": c.hook, "hook_instance": c.hook_instance,
                    "patient_pseudonym": c.patient_pseudonym, "issued_at": issued_at,
-                   "suggestion_uuids": orjson.dumps(list(c.suggestion_uuids)).decode()}
+                   "suggestion_uuids": orjson.dumps(list(c.suggestion_uuids)).decode(), "silent": bool(c.silent)}
             rows.append(tuple(row[name] for name in self._card_columns))
         if self._card_writer is not None:
             async with self._guard("record_cards"):
@@ -345,36 +347,67 @@ class Store:
 
     # ---- reads
 
-    async def summary(self) -> dict[str, Any]:
-        """Per rule and version: cards issued, feedback accepted/overridden and override reason counts."""
+    async def summary(self, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+        """Per rule and version: cards issued (returned), silent (recorded, not returned), feedback accepted and
+        overridden, and override reason counts; over the cards issued in [since, until) when given."""
         c, f = issued_cards, feedback
         joined = f.join(c, f.c.card_uuid == c.c.uuid)
+        period = _period(since, until)
         async with self._read("summary") as conn:
             issued = (await conn.execute(
-                sa.select(c.c.rule_id, c.c.rule_version, sa.func.count())
-                .group_by(c.c.rule_id, c.c.rule_version))).all()
+                sa.select(c.c.rule_id, c.c.rule_version, c.c.silent, sa.func.count()).where(*period)
+                .group_by(c.c.rule_id, c.c.rule_version, c.c.silent))).all()
             outcomes = (await conn.execute(
                 sa.select(c.c.rule_id, c.c.rule_version, f.c.outcome, sa.func.count()).select_from(joined)
-                .group_by(c.c.rule_id, c.c.rule_version, f.c.outcome))).all()
+                .where(*period).group_by(c.c.rule_id, c.c.rule_version, f.c.outcome))).all()
             reasons = (await conn.execute(
                 sa.select(c.c.rule_id, c.c.rule_version, f.c.override_reason_code, sa.func.count())
                 .select_from(joined)
-                .where(f.c.outcome == "overridden", f.c.override_reason_code.is_not(None))
+                .where(f.c.outcome == "overridden", f.c.override_reason_code.is_not(None), *period)
                 .group_by(c.c.rule_id, c.c.rule_version, f.c.override_reason_code))).all()
 
         rules: dict[tuple[str, int], dict[str, Any]] = {}
 
         def entry(rule: str, version: int) -> dict[str, Any]:
-            return rules.setdefault((rule, version), {"rule": rule, "version": str(version), "issued": 0,
+            return rules.setdefault((rule, version), {"rule": rule, "version": str(version), "issued": 0, "silent": 0,
                                                       "accepted": 0, "overridden": 0, "override_reasons": {}})
 
-        for rule, version, count in issued:
-            entry(rule, version)["issued"] = int(count)
+        for rule, version, silent, count in issued:
+            entry(rule, version)["silent" if silent else "issued"] += int(count)
         for rule, version, outcome, count in outcomes:
             entry(rule, version)[outcome] = int(count)
         for rule, version, code, count in sorted(reasons, key=lambda r: (-r[3], r[2])):
             entry(rule, version)["override_reasons"][code] = int(count)
         return {"rules": [rules[k] for k in sorted(rules)]}
+
+    async def weekly(self, since: datetime | None = None, until: datetime | None = None,
+                     rule: str | None = None) -> list[dict[str, Any]]:
+        """Per ISO week (Monday, UTC) of issue: cards issued, silent, accepted and overridden (one rule or all)."""
+        c, f = issued_cards, feedback
+        if self._dialect == "postgresql":
+            day: Any = sa.cast(sa.func.timezone("UTC", c.c.issued_at), sa.Date)
+        else:
+            day = sa.func.date(c.c.issued_at)  # stored as UTC text
+        where = [*_period(since, until)] + ([c.c.rule_id == rule] if rule else [])
+        async with self._read("summary") as conn:
+            issued = (await conn.execute(
+                sa.select(day, c.c.silent, sa.func.count()).where(*where).group_by(day, c.c.silent))).all()
+            outcomes = (await conn.execute(
+                sa.select(day, f.c.outcome, sa.func.count()).select_from(f.join(c, f.c.card_uuid == c.c.uuid))
+                .where(*where).group_by(day, f.c.outcome))).all()
+        weeks: dict[date, dict[str, Any]] = {}
+
+        def week(value: Any) -> dict[str, Any]:
+            d = value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+            monday = d - timedelta(days=d.weekday())
+            return weeks.setdefault(monday, {"week": monday.isoformat(), "issued": 0, "silent": 0, "accepted": 0,
+                                             "overridden": 0})
+
+        for d, silent, count in issued:
+            week(d)["silent" if silent else "issued"] += int(count)
+        for d, outcome, count in outcomes:
+            week(d)[outcome] += int(count)
+        return [weeks[k] for k in sorted(weeks)]
 
     # ---- plumbing
 
@@ -427,12 +460,23 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def _period(since: datetime | None, until: datetime | None) -> list[Any]:
+    """Conditions on the card's issue time: since <= issued_at < until."""
+    out = []
+    if since is not None:
+        out.append(issued_cards.c.issued_at >= _utc(since))
+    if until is not None:
+        out.append(issued_cards.c.issued_at < _utc(until))
+    return out
+
+
 async def _existing_cards(conn: AsyncConnection, uuids: Iterable[str]) -> set[str]:
     wanted = sorted(set(uuids))
     found: set[str] = set()
     for i in range(0, len(wanted), _IN_CHUNK):
         chunk = wanted[i:i + _IN_CHUNK]
-        result = await conn.execute(sa.select(issued_cards.c.uuid).where(issued_cards.c.uuid.in_(chunk)))
+        result = await conn.execute(sa.select(issued_cards.c.uuid).where(  # a silent card was never shown
+            issued_cards.c.uuid.in_(chunk), issued_cards.c.silent.is_(sa.false())))
         found.update(result.scalars())
     return found
 
