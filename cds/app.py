@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from . import BUILD, COMPILED, __version__, metrics
+from . import BUILD, COMPILED, __version__, dashboard, demo, metrics
 from .audit import AuditWriter
 from .errors import (
     CDSError,
@@ -280,6 +280,10 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         except StoreError:
             raise ServiceUnavailable("the audit store is unavailable; retry later") from None
         return FhirJSON(summary)  # not a CDS Hooks body: every rule keeps its override_reasons, even when empty
+
+    app.include_router(dashboard.router(kb, client_claims))  # /feedback/dashboard (HTML) and .csv, same queries
+    if settings.demo_enabled:  # the demo EHR page: dev mode, or CDS_DEMO=true
+        app.include_router(demo.router(kb, settings.demo_patients_dir))
 
     @app.get("/knowledge", response_class=HTMLResponse)
     async def knowledge_index(request: Request) -> HTMLResponse:

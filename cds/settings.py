@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     silent_rules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     active_rules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # the demo EHR page at /demo (issue 17): on in dev, off otherwise unless set
+    demo: bool | None = None
+    demo_patients_dir: Path = ROOT / "fixtures" / "synthetic"
+
     max_body_bytes: int = 1_048_576
 
     @field_validator("allowed_fhir_servers", mode="before")
@@ -99,6 +103,10 @@ class Settings(BaseSettings):
                     return driver + url[len(plain):]
             return url
         return f"sqlite+aiosqlite:///{self.data_dir / 'cds.sqlite3'}"
+
+    @property
+    def demo_enabled(self) -> bool:
+        return self.env == "dev" if self.demo is None else self.demo
 
     @property
     def loopback_fhir_allowed(self) -> bool:

@@ -352,7 +352,7 @@ class Store:
         overridden, and override reason counts; over the cards issued in [since, until) when given."""
         c, f = issued_cards, feedback
         joined = f.join(c, f.c.card_uuid == c.c.uuid)
-        period = _period(since, until)
+        period = _period(since, until, self._dialect)
         async with self._read("summary") as conn:
             issued = (await conn.execute(
                 sa.select(c.c.rule_id, c.c.rule_version, c.c.silent, sa.func.count()).where(*period)
@@ -388,7 +388,7 @@ class Store:
             day: Any = sa.cast(sa.func.timezone("UTC", c.c.issued_at), sa.Date)
         else:
             day = sa.func.date(c.c.issued_at)  # stored as UTC text
-        where = [*_period(since, until)] + ([c.c.rule_id == rule] if rule else [])
+        where = [*_period(since, until, self._dialect)] + ([c.c.rule_id == rule] if rule else [])
         async with self._read("summary") as conn:
             issued = (await conn.execute(
                 sa.select(day, c.c.silent, sa.func.count()).where(*where).group_by(day, c.c.silent))).all()
@@ -460,13 +460,22 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def _period(since: datetime | None, until: datetime | None) -> list[Any]:
-    """Conditions on the card's issue time: since <= issued_at < until."""
+def _period(since: datetime | None, until: datetime | None, dialect: str) -> list[Any]:
+    """Conditions on the card's issue time: since <= issued_at < until.
+
+    SQLite keeps the time as text, with or without a fraction of a second depending on the writer, so there
+    both sides are normalised by SQLite's datetime() (whole seconds) instead of compared as strings.
+    """
     out = []
-    if since is not None:
-        out.append(issued_cards.c.issued_at >= _utc(since))
-    if until is not None:
-        out.append(issued_cards.c.issued_at < _utc(until))
+    column: Any = issued_cards.c.issued_at
+    for bound, lower in ((since, True), (until, False)):
+        if bound is None:
+            continue
+        value: Any = _utc(bound)
+        if dialect == "sqlite":
+            column = sa.func.datetime(issued_cards.c.issued_at)
+            value = sa.func.datetime(sa.literal(value.replace(tzinfo=None).isoformat(sep=" "), sa.Text))
+        out.append(column >= value if lower else column < value)
     return out
 
 
