@@ -308,10 +308,11 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
     any_card: Counter[str] = Counter()
     why: dict[str, list[tuple[str, str, list[str]]]] = defaultdict(list)
     skipped: list[str] = []
+    deceased = 0
     screened = 0
 
     async def run_all(progress: Progress, task: Any) -> None:
-        nonlocal screened
+        nonlocal screened, deceased
         for path in files:
             progress.update(task, description=path.name[:40])
             try:
@@ -319,6 +320,11 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
                 if kind != "bundle":
                     raise NotFhir(f"{path}: a hook request, not a patient Bundle")
                 body = bundles.hook_request(kb, doc, orderable=orderable, products=list(products))
+                patient = body["prefetch"]["patient"]
+                if patient.get("deceasedBoolean") is True or patient.get("deceasedDateTime"):
+                    deceased += 1  # nobody orders mesotherapy for them: not part of the population
+                    progress.advance(task)
+                    continue
                 cards, silent = await local.screen(body)
             except NotFhir as exc:
                 skipped.append(str(exc))
@@ -353,7 +359,8 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
             if n:
                 rows.append({"topic": rule.id, "indicator": level, "patients": n, "rate": n / screened,
                              "silent": rule.id in kb.silent})
-    result = {"patients": screened, "skipped": len(skipped), "order": orderable, "seconds": round(elapsed, 2),
+    result = {"patients": screened, "skipped": len(skipped), "deceased": deceased, "order": orderable,
+              "seconds": round(elapsed, 2),
               "with_any_card": any_card["any"], "with_critical_card": any_card["critical"], "rows": rows,
               "samples": {t: [{"patient": p, "indicator": i, "evidence": e} for p, i, e in s] for t, s in why.items()}}
     if fmt == "json":
@@ -366,7 +373,8 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
                        f"| {r['rate']:.1%} |")
         click.echo(f"| any card | | {any_card['any']} | {any_card['any'] / screened:.1%} |")
         click.echo(f"| a critical card | | {any_card['critical']} | {any_card['critical'] / screened:.1%} |")
-        click.echo(f"\n{screened} patients, order `{orderable}`, {elapsed:.1f} s"
+        click.echo(f"\n{screened} living patients, order `{orderable}`, {elapsed:.1f} s"
+                   + (f"; {deceased} deceased patients left out" if deceased else "")
                    + (f"; {len(skipped)} files skipped (not a patient Bundle)" if skipped else ""))
         return
     console = Console(highlight=False)
@@ -382,6 +390,8 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
     table.add_row("a critical card", "", str(any_card["critical"]), f"{any_card['critical'] / screened:.1%}")
     console.print(table)
     console.print(f"{screened} patients screened in {elapsed:.1f} s ({elapsed / screened * 1000:.0f} ms each)")
+    if deceased:
+        console.print(f"{deceased} deceased patients left out (nobody orders mesotherapy for them)")
     if skipped:
         console.print(f"[yellow]{len(skipped)} files skipped[/] (not a patient Bundle), e.g. {skipped[0]}")
     if why:
@@ -397,7 +407,7 @@ def _describe(kb: Any, node: Any) -> list[str]:
     from . import schema
 
     def vs(name: str) -> str:
-        return f"{kb.vs(name).title} ({name})"
+        return kb.vs(name).id  # titles are long; `cards/valuesets/<id>.yaml` holds the rest
 
     if isinstance(node, schema.AnyNode):
         return [line for child in node.any for line in _describe(kb, child)]
@@ -446,17 +456,14 @@ def check(directory: Path | None) -> None:
     settings = _settings(directory)
     kb = _knowledge(settings)
     console = Console(highlight=False)
-    table = Table(title=f"{len(kb.rules)} rules in {settings.knowledge_dir}", show_lines=True)
-    for name in ("rule", "v", "status", "indicator", "reads"):
-        table.add_column(name)
+    console.print(f"[bold]{len(kb.rules)} rules in {settings.knowledge_dir}[/] (value sets by id, in valuesets/)\n")
     for rule in sorted(kb.rules, key=lambda r: r.id):
-        extra = []
+        console.print(Text.assemble((rule.id, "bold"), f"  v{rule.version}  {kb.status(rule)}  ",
+                                    (rule.indicator, INDICATOR_STYLE[rule.indicator]), f"  {rule.title}"))
+        for line in _describe(kb, rule.when):
+            console.print(Text("    reads " + line))
         if rule.suppressed_by:
-            extra.append("not shown when " + ", ".join(rule.suppressed_by) + " fires")
-        table.add_row(rule.id, str(rule.version), kb.status(rule),
-                      Text(rule.indicator, style=INDICATOR_STYLE[rule.indicator]),
-                      "\n".join(["- " + line for line in _describe(kb, rule.when)] + extra))
-    console.print(table)
+            console.print(Text("    not shown when " + ", ".join(rule.suppressed_by) + " fires", style="dim"))
     silent = f", {len(kb.silent)} silent ({', '.join(sorted(kb.silent))})" if kb.silent else ""
     console.print(f"[green]knowledge OK[/]: {len(kb.rules)} rules{silent}, {len(kb.valuesets)} value sets, "
                   f"{len(kb.orderables.orderables)} orderables, {len(kb.ingredients)} ingredients")
