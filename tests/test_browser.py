@@ -8,6 +8,7 @@ Screenshots go to CDS_SCREENSHOTS (`make screenshots` writes docs/), else to the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 from collections.abc import Iterator
@@ -157,3 +158,24 @@ def test_the_demo_is_off_unless_enabled(tmp_path: Path) -> None:
     with Service({"CDS_ENV": "dev", "CDS_DEMO": "false", "CDS_DATA_DIR": str(tmp_path)}) as svc:
         assert httpx.get(svc.base_url + "/demo").status_code == 404
         assert httpx.get(svc.base_url + "/demo/api/patients").status_code == 404
+
+
+def test_record_text_is_shown_as_text_never_as_html(page: Page, tmp_path: Path) -> None:
+    hostile = '<img src=x onerror="window.pwned=1"> [click](javascript:window.pwned=2) **bold** `x`'
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1970-01-01",
+                      "name": [{"text": hostile}]}},
+        {"resource": {"resourceType": "AllergyIntolerance", "id": "a1", "patient": {"reference": "Patient/p1"},
+                      "clinicalStatus": {"coding": [{"code": "active"}]}, "code": {"text": hostile}}}]}
+    with Service({"CDS_ENV": "dev", "CDS_DATA_DIR": str(tmp_path)}) as svc:
+        page.goto(svc.base_url + "/demo")
+        page.locator("#paste summary").click()
+        page.fill("#bundle-text", json.dumps(bundle))
+        page.click("#bundle-load")
+        page.select_option("#area-select", "mesotherapy-face")
+        card = page.locator('.card[data-topic="allergy-history"]')
+        expect(card).to_contain_text('<img src=x onerror="window.pwned=1">')  # shown as the text it is
+        expect(page.locator("#summary-name")).to_contain_text("<img")
+        assert page.locator("#cards img, #summary img").count() == 0
+        assert page.locator('a[href^="javascript"]').count() == 0
+        assert page.evaluate("window.pwned") is None
