@@ -47,7 +47,7 @@ class Stub:
         if len(parts) != 1 or query.get("patient", [""])[0] not in (self.patient_id, f"Patient/{self.patient_id}"):
             return None
         if parts[0] == "Observation":
-            code = query.get("code", [""])[0].rpartition("|")[2]
+            code = query.get("code", [""])[0].split(",")[0].rpartition("|")[2]  # the first code names the key
             return BY_LOINC.get(code)
         return BY_TYPE.get(parts[0])
 

@@ -402,45 +402,43 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
                                             "; ".join(lines) or "(no evidence lines)"))
 
 
+LEAF_WORDS = {
+    "condition": "Conditions", "observation": "Observations", "medication": "MedicationRequests/Statements",
+    "allergy": "AllergyIntolerances",
+    "ingredient_allergy": "AllergyIntolerances against the ordered product's ingredients",
+    "weaned": "breastfeeding records (ended within CDS_WEANING_WAIT_MONTHS)",
+    "pregnancy_status_unknown": "Patient sex and age, and the absence of recent pregnancy records",
+    "screening_incomplete": "data the service could not obtain",
+}
+
+
 def _describe(kb: Any, node: Any) -> list[str]:
-    """What one rule reads, leaf by leaf, in words."""
-    from . import schema
+    """What one rule reads, leaf by leaf: the kind of record, and every value set and setting the leaf names
+    (read from the leaf's fields, so a new field of the rule grammar shows without a change here)."""
+    children = getattr(node, "any", None)
+    if isinstance(children, list):
+        return [line for child in children for line in _describe(kb, child)]
+    kind, spec = next(iter(node.__dict__.items()))
+    parts: list[str] = []
 
-    def vs(name: str) -> str:
-        return kb.vs(name).id  # titles are long; `cards/valuesets/<id>.yaml` holds the rest
+    def visit(name: str, value: Any) -> None:
+        label = name.rstrip("_")
+        if isinstance(value, str) and value in kb.valuesets:
+            parts.append(f"{label} {value}")
+        elif isinstance(value, str) and name.endswith("_setting"):
+            parts.append(f"CDS_{value.upper()}")
+        elif isinstance(value, list):
+            for item in value:
+                visit(name, item)
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            for sub, v in value.__dict__.items():
+                visit(f"{name}.{sub}", v)
+        elif value is True:
+            parts.append(label)
 
-    if isinstance(node, schema.AnyNode):
-        return [line for child in node.any for line in _describe(kb, child)]
-    if isinstance(node, schema.ConditionLeaf):
-        c = node.condition
-        extra = [w for w, on in (("any status (history)", c.history), ("compared with the treatment area", c.site))
-                 if on]
-        if c.recent:
-            extra.append(f"onset within CDS_{c.recent.days_setting.upper()} days raises to {c.recent.indicator}")
-        if c.not_in:
-            extra.append("except " + ", ".join(c.not_in))
-        return [f"Condition in {vs(c.in_)}" + (f" [{'; '.join(extra)}]" if extra else "")]
-    if isinstance(node, schema.ObservationLeaf):
-        o = node.observation
-        return [f"Observation {vs(o.code)} answered {vs(o.answer)}, within CDS_{o.max_age_setting.upper()} days"]
-    if isinstance(node, schema.MedicationLeaf):
-        return [f"MedicationRequest/MedicationStatement in {vs(node.medication.in_)}"]
-    if isinstance(node, schema.AllergyLeaf):
-        return [f"AllergyIntolerance (any, except {vs(node.allergy.no_known)}; severe reactions in "
-                f"{vs(node.allergy.critical_manifestations)})"]
-    if isinstance(node, schema.IngredientAllergyLeaf):
-        return ["AllergyIntolerance whose substance is an ingredient of the ordered product (or of its class)"]
-    if isinstance(node, schema.WeanedLeaf):
-        w = node.weaned
-        return [f"Condition in {vs(w.conditions)} ended, or Observation {vs(w.observation)}, "
-                "within CDS_WEANING_WAIT_MONTHS"]
-    if isinstance(node, schema.PregnancyUnknownLeaf):
-        p = node.pregnancy_status_unknown
-        return [f"Patient sex and age; no {vs(p.conditions)} Condition or {vs(p.observation)} Observation "
-                "within CDS_PREGNANCY_STATUS_MAX_AGE_DAYS"]
-    if isinstance(node, schema.IncompleteLeaf):
-        return ["data the service could not obtain (prefetch missing, FHIR server unreachable)"]
-    return [type(node).__name__]
+    for name, value in getattr(spec, "__dict__", {}).items():
+        visit(name, value)
+    return [LEAF_WORDS.get(kind, kind) + (f" [{'; '.join(parts)}]" if parts else "")]
 
 
 @main.group()

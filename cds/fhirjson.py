@@ -22,25 +22,52 @@ _SYSTEM_ALIASES = {
     "http://snomed.info/sct/": SNOMED,
     "urn:oid:2.16.840.1.113883.6.96": SNOMED,
     "urn:oid:2.16.840.1.113883.6.1": LOINC,
-    "http://hl7.org/fhir/sid/icd-10": ICD10CM,
-    "urn:oid:2.16.840.1.113883.6.90": ICD10CM,
     "urn:oid:2.16.840.1.113883.6.88": RXNORM,
     "http://www.nlm.nih.gov/research/umls/rxnorm/": RXNORM,
 }
+# Every edition of ICD-10 (WHO, -CM, -GM, -AM, -CA, national ones) shares the WHO categories, so all of them are
+# read as one system: value sets list ICD-10 prefixes once and they serve every edition. Editions are recognised
+# by their FHIR URIs ("http://hl7.org/fhir/sid/icd-10", ".../icd-10-cm", "http://fhir.de/CodeSystem/bfarm/icd-10-gm",
+# ".../icd-10-am", ".../icd-10-ca", ...) and OIDs. ICD-10-PCS is a procedure classification, never read as ICD-10.
+_ICD10_URI = re.compile(r"icd-?10(?!-?pcs)", re.IGNORECASE)
+_ICD10_OIDS = re.compile(
+    r"^urn:oid:(2\.16\.840\.1\.113883\.6\.(3|3\.\d+|90|94|135)|1\.2\.276\.0\.76\.5\.\d+)$")
+_NOT_ICD10 = ("http://www.cms.gov/Medicare/Coding/ICD10",)  # ICD-10-PCS's FHIR URI
+_NORMALISED: dict[str, str] = {}
 
 
 def norm_system(system: str | None) -> str:
+    """The canonical URI of a code system: alias and OID forms, and every ICD-10 edition, read as one."""
     if not system:
         return ""
-    return _SYSTEM_ALIASES.get(system, system)
+    found = _NORMALISED.get(system)
+    if found is None:
+        found = _SYSTEM_ALIASES.get(system, system)
+        if found == system and system not in _NOT_ICD10 and (
+                _ICD10_URI.search(system) or _ICD10_OIDS.match(system)):
+            found = ICD10CM
+        if len(_NORMALISED) < 4096:  # systems are few; a flood of made-up ones is normalised, not remembered
+            _NORMALISED[system] = found
+    return found
+
+
+# Letters that Unicode does not decompose into a base letter and a mark: Vietnamese đ, Polish ł, Nordic ø, ...
+_LETTERS = str.maketrans({"đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "ß": "ss", "æ": "ae",
+                          "Æ": "AE", "œ": "oe", "Œ": "OE", "ı": "i", "ħ": "h", "ŧ": "t"})
+
+
+@lru_cache(maxsize=65_536)
+def strip_accents(text: str) -> str:
+    """Accent-free, single-spaced text with its case kept ("Đái tháo đường" -> "Dai thao duong")."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_LETTERS))
+    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return re.sub(r"\s+", " ", stripped).strip()
 
 
 @lru_cache(maxsize=65_536)
 def fold(text: str) -> str:
     """Lower-case, accent-free, single-spaced text for matching ("Mésothérapie" -> "mesotherapie")."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
-    return re.sub(r"\s+", " ", stripped.casefold()).strip()
+    return strip_accents(text).casefold()
 
 
 class Coding(NamedTuple):
@@ -164,7 +191,7 @@ def _coding(c: dict[str, Any]) -> Coding:
     code = c.get("code")
     display = c.get("display")
     return Coding(
-        _SYSTEM_ALIASES.get(system, system) if isinstance(system, str) else "",
+        norm_system(system) if isinstance(system, str) else "",
         code.strip() if isinstance(code, str) else str(code) if isinstance(code, int) else "",
         display if isinstance(display, str) else "",
     )

@@ -23,6 +23,7 @@ from .matching import (
     SiteTable,
     TextMatcher,
     ValueSet,
+    abbreviation_pattern,
     icd_key,
     phrases,
     prefix_table,
@@ -49,6 +50,8 @@ from .schema import (
     Orderable,
     OrderablesFile,
     OverrideReason,
+    PostpartumLeaf,
+    PostpartumSpec,
     PregnancyUnknownLeaf,
     Rule,
     ServiceFile,
@@ -60,7 +63,7 @@ from .schema import (
 __all__ = [
     "INDICATOR_RANK", "SUMMARY_LIMIT", "AllergyLeaf", "AnyNode", "ConditionLeaf", "IncompleteLeaf", "Indicator",
     "IngredientAllergyLeaf", "KnowledgeBase", "Match", "MedicationLeaf", "ObservationLeaf", "ObservationSpec",
-    "Orderable", "PregnancyUnknownLeaf", "Rule", "WeanedLeaf", "load_knowledge",
+    "Orderable", "PostpartumLeaf", "PostpartumSpec", "PregnancyUnknownLeaf", "Rule", "WeanedLeaf", "load_knowledge",
 ]
 
 
@@ -71,6 +74,8 @@ class KnowledgeBase:
     valuesets: dict[str, ValueSet]
     orderables: OrderablesFile
     orderable_text: TextMatcher
+    orderable_exclude: re.Pattern[str] | None
+    orderable_procedure: re.Pattern[str] | None
     ingredients: dict[str, Ingredient]
     ingredient_classes: dict[str, IngredientClass]
     ingredient_codes: dict[tuple[str, str], str]
@@ -127,10 +132,6 @@ def _parse(model: type[BaseModel], path: Path) -> Any:
         raise KnowledgeError(f"{path}: {exc}") from exc
 
 
-def _word_pattern(words: Iterable[str]) -> re.Pattern[str] | None:
-    return union_pattern(phrases(words))
-
-
 def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
     """Read cards/, validate every file and every cross-reference, and compile matchers."""
     if not directory.is_dir():
@@ -139,8 +140,9 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
     neg_before = re.compile("|".join(text_file.negation_before))
     neg_after = re.compile("|".join(text_file.negation_after))
 
-    def matcher(patterns: Iterable[str], exclude: Iterable[str] = ()) -> TextMatcher:
-        return TextMatcher(union_pattern(patterns), neg_before, neg_after, union_pattern(exclude))
+    def matcher(patterns: Iterable[str], exclude: Iterable[str] = (), abbreviations: Iterable[str] = ()) -> TextMatcher:
+        return TextMatcher(union_pattern(patterns), neg_before, neg_after, union_pattern(exclude),
+                           abbreviation_pattern(abbreviations))
 
     valuesets: dict[str, ValueSet] = {}
     for path in sorted((directory / "valuesets").glob("*.yaml")):
@@ -156,7 +158,7 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
                 prefixes=prefix_table(vs.prefixes),
                 excluded=frozenset((system_uri(c.system), c.code) for c in vs.exclude_codes),
                 excluded_prefixes=prefix_table(vs.exclude_prefixes),
-                text=matcher(vs.text, vs.exclude_text),
+                text=matcher(vs.text, vs.exclude_text, vs.abbreviations),
                 about_relatives=vs.about_relatives,
             )
         except re.error as exc:
@@ -174,6 +176,9 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
     for ing in ingredients.values():
         if ing.ingredient_class and ing.ingredient_class not in classes:
             raise KnowledgeError(f"ingredients.yaml: {ing.id} names unknown class {ing.ingredient_class!r}")
+        for member in ing.members:
+            if member not in ingredients or ingredients[member].members:
+                raise KnowledgeError(f"ingredients.yaml: group {ing.id} names {member!r}, not a single ingredient")
     for name in orderables.default_formulation + [f for o in orderables.orderables for f in o.formulation]:
         if name not in ingredients:
             raise KnowledgeError(f"orderables.yaml: formulation names unknown ingredient {name!r}")
@@ -192,7 +197,7 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
     sites = SiteTable(
         areas=areas,
         codes={(system_uri(c.system), c.code): s.id for s in areas.values() for c in s.codes},
-        text=[(s.id, p) for s in areas.values() if (p := _word_pattern(s.text)) is not None],
+        text=[(s.id, p) for s in areas.values() if (p := union_pattern(phrases(s.text))) is not None],
         icd_prefixes=sorted(((icd_key(k), v) for k, v in sites_file.icd_prefix_sites.items()),
                             key=lambda kv: -len(kv[0])),
     )
@@ -214,7 +219,9 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
         rules=_evaluation_order(rules),
         valuesets=valuesets,
         orderables=orderables,
-        orderable_text=matcher(orderables.text, orderables.exclude_text),
+        orderable_text=matcher(orderables.text),
+        orderable_exclude=union_pattern(orderables.exclude_text),
+        orderable_procedure=union_pattern(orderables.procedure_text),
         ingredients=ingredients,
         ingredient_classes=classes,
         ingredient_codes={(system_uri(c.system), c.code): i.id for i in ingredients.values() for c in i.codes},
@@ -246,7 +253,9 @@ def _leaf_specs(node: Any) -> Iterable[Any]:
 
 
 VALUE_SET_FIELDS = ("in_", "code", "answer", "conditions", "observation", "feeding_answers", "weaned_answers",
-                    "no_known", "critical_manifestations")
+                    "no_known", "critical_manifestations", "ignore_answers", "non_immune", "environmental",
+                    "deliveries", "pregnancies", "due_dates")
+VALUE_SET_LISTS = ("not_in", "with_codes", "feeding")
 
 
 def _leaf_valuesets(node: Any) -> Iterable[str]:
@@ -254,7 +263,7 @@ def _leaf_valuesets(node: Any) -> Iterable[str]:
         for name, value in spec.__dict__.items():
             if name in VALUE_SET_FIELDS and isinstance(value, str):
                 yield value
-            elif name == "not_in":
+            elif name in VALUE_SET_LISTS:
                 yield from value
             elif name == "recent" and value is not None and value.in_:
                 yield value.in_
@@ -266,6 +275,8 @@ def _leaf_settings(node: Any) -> Iterable[str]:
             yield spec.max_age_setting
         if isinstance(spec, ConditionSpec) and spec.recent:
             yield spec.recent.days_setting
+        if isinstance(spec, PostpartumSpec):
+            yield spec.months_setting
 
 
 def _check_rule(rule: Rule, valuesets: dict[str, ValueSet], reasons: dict[str, OverrideReason],

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .fhirjson import ICD10CM, LOINC, RXNORM, SNOMED, Coded, fold, norm_system
+from .fhirjson import ICD10CM, LOINC, RXNORM, SNOMED, Coded, fold, norm_system, strip_accents
 from .schema import BodySite, PrefixEntry
 
 SYSTEM_ALIASES = {
@@ -27,8 +27,12 @@ def system_uri(name: str) -> str:
     return norm_system(SYSTEM_ALIASES.get(name, name))
 
 
+_NOT_ICD_CHARS = re.compile(r"[^0-9A-Z]")
+
+
 def icd_key(code: str) -> str:
-    return code.replace(".", "").upper()
+    """An ICD-10 code as its letters and digits: "E10.9", "e109", "E10.9-", "I25.21†" and "C50.9!" read alike."""
+    return _NOT_ICD_CHARS.sub("", code.upper())
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,21 +46,24 @@ MEMO_LIMIT = 50_000  # distinct texts remembered per matcher; EHR displays repea
 
 @dataclass(slots=True)
 class TextMatcher:
-    """Case- and accent-insensitive phrase search that ignores negated mentions.
+    """Accent-insensitive phrase search that ignores negated mentions.
 
-    Decisions are memoised per text: the same display ("Hypertensive disorder") recurs across every chart, and
-    the answer depends only on the text and the knowledge loaded at start-up.
+    `pattern` runs over lower-cased text; `abbreviations` (problem-list shorthand: MI, CAD, T1DM, "Ca breast")
+    run over the text with its case kept, so that "MI" never fires on "mi" or "Mind". Decisions are memoised
+    per text: the same display ("Hypertensive disorder") recurs across every chart, and the answer depends only
+    on the text and the knowledge loaded at start-up.
     """
 
     pattern: re.Pattern[str] | None
     negation_before: re.Pattern[str]
     negation_after: re.Pattern[str]
     exclude: re.Pattern[str] | None = None
+    abbreviations: re.Pattern[str] | None = None
     memo: dict[str, bool] = field(default_factory=dict)
 
     def search(self, text: str) -> str | None:
         """`text` when it mentions the pattern outside a negation (and no exclusion applies), else None."""
-        if self.pattern is None:
+        if self.pattern is None and self.abbreviations is None:
             return None
         hit = self.memo.get(text)
         if hit is None:
@@ -66,22 +73,35 @@ class TextMatcher:
         return text if hit else None
 
     def _decide(self, text: str) -> bool:
-        assert self.pattern is not None
         folded = fold(text)
         if self.exclude is not None and self.exclude.search(folded):
             return False
-        for m in self.pattern.finditer(folded):
-            clause_start = max(folded.rfind(sep, 0, m.start()) for sep in (".", ";", ",", "|")) + 1
-            before = folded[clause_start : m.start()]
+        if self.pattern is not None and self._affirmed(self.pattern, folded):
+            return True
+        return self.abbreviations is not None and self._affirmed(self.abbreviations, strip_accents(text))
+
+    def _affirmed(self, pattern: re.Pattern[str], text: str) -> bool:
+        """Whether some match of `pattern` in `text` is not negated within its clause."""
+        for m in pattern.finditer(text):
+            clause_start = max(text.rfind(sep, 0, m.start()) for sep in (".", ";", ",", "|")) + 1
+            before = text[clause_start : m.start()].lower()
             word_end = m.end()
-            while word_end < len(folded) and folded[word_end].isalnum():  # "pregnan|t: no" -> after is ": no"
+            while word_end < len(text) and text[word_end].isalnum():  # "pregnan|t: no" -> after is ": no"
                 word_end += 1
-            after_end = min([i for i in (folded.find(s, word_end) for s in ".;,|") if i >= 0] or [len(folded)])
-            after = folded[word_end:after_end]
+            after_end = min([i for i in (text.find(s, word_end) for s in ".;,|") if i >= 0] or [len(text)])
+            after = text[word_end:after_end].lower()
             if self.negation_before.search(before) or self.negation_after.search(after):
                 continue
             return True
         return False
+
+
+def abbreviation_pattern(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """Case-sensitive shorthand, each alternative bounded by non-alphanumerics ("AF" is not in "AFTER")."""
+    items = list(patterns)
+    if not items:
+        return None
+    return re.compile("|".join(f"(?<![A-Za-z0-9])(?:{p})(?![A-Za-z0-9])" for p in items))
 
 
 def union_pattern(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -242,7 +262,8 @@ class SiteTable:
         return any(x in self.lineage(y) or y in self.lineage(x) for x in a for y in b)
 
     def classify(self, value: Coded) -> set[str]:
-        """Treatment-area sites named by codes or words in `value` (empty: none recognised)."""
+        """Treatment-area sites named by codes or words in `value` (empty: none recognised), the most specific
+        ones: "lower leg" names the lower leg, not also the whole leg."""
         found = {self.codes[(c.system, c.code)] for c in value.codings if (c.system, c.code) in self.codes}
         for c in value.codings:
             if c.system == ICD10CM and c.code:
@@ -255,11 +276,22 @@ class SiteTable:
             for text in value.all_texts():
                 folded = fold(text)
                 found.update(site for site, pattern in self.text if pattern.search(folded))
+        if len(found) > 1:
+            ancestors = {a for site in found for a in self.lineage(site) if a != site}
+            found -= ancestors
         return found
 
 
 def phrases(words: Iterable[str]) -> list[str]:
-    return [r"\b" + re.escape(fold(w)) for w in words]
+    """Names as the start of a word ("abdomin" finds abdominal, "hyaluronic" hyaluronate), except where the name
+    ends in a short word, which must end there too ("lip" is not in "lipoma", "vitamin b1" not in "vitamin b12",
+    "vitamin a" not in "vitamin and")."""
+    out = []
+    for w in words:
+        folded = fold(w)
+        last = folded.rsplit(" ", 1)[-1]
+        out.append(rf"\b{re.escape(folded)}\b" if len(last) <= 4 else rf"\b{re.escape(folded)}")
+    return out
 
 
 def prefix_table(entries: Iterable[PrefixEntry]) -> dict[str, tuple[str, ...]]:

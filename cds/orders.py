@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import InvalidRequest
-from .fhirjson import Coded, coded, listed, ref_key, reference
+from .fhirjson import Coded, coded, fold, listed, ref_key, reference
 from .knowledge import KnowledgeBase, Match, Orderable
 from .record import medication_code
 
@@ -140,11 +140,27 @@ def _mesotherapy_match(kb: KnowledgeBase, concepts: Coded) -> tuple[Match, Order
         for extra in o.other_codes:
             if extra.system == c.system and extra.code == c.code:
                 return Match("code", f"{c.system}|{c.code} {c.display}".strip()), None
-    for text in concepts.all_texts():
+    texts = concepts.all_texts()
+    for text in texts:
         found = kb.orderable_text.search(text)
         if found:
+            if _not_the_procedure(kb, texts):
+                return None
             return Match("text", found), None
     return None
+
+
+def _not_the_procedure(kb: KnowledgeBase, texts: list[str]) -> bool:
+    """An order named as a leaflet or a consultation alone is not the procedure; one that also names a session, a
+    package, a follow-up, an injection or a product is (when in doubt, screen)."""
+    if kb.orderable_exclude is None:
+        return False
+    folded = [fold(t) for t in texts]
+    if not any(kb.orderable_exclude.search(t) for t in folded):
+        return False
+    if kb.orderable_procedure is not None and any(kb.orderable_procedure.search(t) for t in folded):
+        return False
+    return not ingredients_in(kb, Coded((), tuple(texts)))
 
 
 def _links(resource: dict[str, Any], drafts: DraftOrders, *fields: str) -> set[str]:
@@ -208,6 +224,10 @@ def ingredients_in(kb: KnowledgeBase, value: Coded) -> set[str]:
         for ing_id, matcher in kb.ingredient_text:
             if ing_id not in found and any(matcher.search(t) for t in texts):
                 found.add(ing_id)
+        for ing_id in list(found):  # "vitamin B12" names vitamin B12, not also the unspecified vitamins
+            members = kb.ingredients[ing_id].members
+            if members and found.intersection(members):
+                found.discard(ing_id)
         if len(kb.ingredient_memo) >= 50_000:
             kb.ingredient_memo.clear()
         kb.ingredient_memo[key] = known = frozenset(found)

@@ -44,8 +44,20 @@ TEMPLATES: tuple[Template, ...] = (
     Template("patient", "Patient/{{context.patientId}}", "Patient demographics"),
     Template("conditions", "Condition?patient={{context.patientId}}", "Conditions (problem list)"),
     Template("allergies", "AllergyIntolerance?patient={{context.patientId}}", "Allergies and intolerances"),
-    Template("pregnancyStatus", "Observation?patient={{context.patientId}}&code=http://loinc.org|82810-3",
-             "Pregnancy status (Observation)"),
+    # The pregnancy status and what else the pregnancy rules read in the same series: hCG tests, estimated
+    # delivery dates, gestational ages (cards/valuesets/pregnancy-status-code, pregnancy-test-code,
+    # estimated-delivery-date-code, gestational-age-code; a test keeps this list and those value sets equal).
+    Template("pregnancyStatus", "Observation?patient={{context.patientId}}&code="
+             "http://loinc.org|82810-3,http://loinc.org|2106-3,http://loinc.org|2110-5,http://loinc.org|2112-1,"
+             "http://loinc.org|2118-8,http://loinc.org|80384-1,http://loinc.org|80385-8,http://loinc.org|20994-0,"
+             "http://loinc.org|19080-1,http://loinc.org|19180-9,http://loinc.org|20415-6,"
+             "http://loinc.org|21198-7,http://loinc.org|25372-4,http://loinc.org|45194-8,"
+             "http://loinc.org|83086-9,http://loinc.org|2107-1,http://loinc.org|2111-3,http://loinc.org|2119-6,"
+             "http://loinc.org|34670-0,http://loinc.org|55869-2,http://loinc.org|11778-8,"
+             "http://loinc.org|11779-6,http://loinc.org|11780-4,http://loinc.org|11884-4,"
+             "http://loinc.org|11885-1,http://loinc.org|18185-9,http://loinc.org|49051-6,"
+             "http://loinc.org|49052-4",
+             "Pregnancy status, pregnancy tests and due dates (Observations)"),
     Template("breastfeedingStatus", "Observation?patient={{context.patientId}}&code=http://loinc.org|63895-7",
              "Breastfeeding status (Observation)"),
     Template("medicationRequests",

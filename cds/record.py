@@ -86,16 +86,20 @@ class Fact:
 
 
 class AllergyFact(Fact):
-    __slots__ = ("substances", "criticality", "manifestations")
+    __slots__ = ("substances", "criticality", "manifestations", "reactions", "kind", "severe")
 
     def __init__(self, resource_type: str, id: str, code: Coded, raw: dict[str, Any], clinical: str | None = None,
                  verification: str | None = None, onset: date | None = None, recorded: date | None = None,
-                 substances: Coded = EMPTY, criticality: str | None = None, manifestations: Coded = EMPTY) -> None:
+                 substances: Coded = EMPTY, criticality: str | None = None, manifestations: Coded = EMPTY,
+                 reactions: list[Coded] | None = None, kind: str | None = None, severe: bool = False) -> None:
         super().__init__(resource_type, id, code, raw, clinical=clinical, verification=verification, onset=onset,
                          recorded=recorded)
         self.substances = substances
         self.criticality = criticality
-        self.manifestations = manifestations
+        self.manifestations = manifestations  # every reaction's manifestations, merged
+        self.reactions = reactions if reactions is not None else []  # each manifestation on its own
+        self.kind = kind  # "allergy", "intolerance" or None (R4 code, R5 CodeableConcept)
+        self.severe = severe  # some reaction.severity is "severe"
 
     @property
     def agent(self) -> Coded:
@@ -103,24 +107,35 @@ class AllergyFact(Fact):
 
 
 class ObservationFact(Fact):
-    __slots__ = ("when", "status", "value", "value_boolean")
+    __slots__ = ("when", "status", "value", "value_boolean", "value_number", "value_unit", "value_date")
 
     def __init__(self, resource_type: str, id: str, code: Coded, raw: dict[str, Any], when: datetime | None = None,
-                 status: str | None = None, value: Coded = EMPTY, value_boolean: bool | None = None) -> None:
+                 status: str | None = None, value: Coded = EMPTY, value_boolean: bool | None = None,
+                 value_number: float | None = None, value_unit: str = "", value_date: date | None = None) -> None:
         super().__init__(resource_type, id, code, raw, onset=when.date() if when else None)
         self.when = when
         self.status = status
         self.value = value
         self.value_boolean = value_boolean
+        self.value_number = value_number  # valueQuantity.value (an hCG level, a gestational age)
+        self.value_unit = value_unit  # valueQuantity.code or .unit, as sent
+        self.value_date = value_date  # valueDateTime (an estimated delivery date)
 
 
 class Patient:
-    __slots__ = ("id", "gender", "birth_date")
+    __slots__ = ("id", "gender", "birth_date", "female_sex")
 
-    def __init__(self, id: str, gender: str | None, birth_date: date | None) -> None:
+    def __init__(self, id: str, gender: str | None, birth_date: date | None, female_sex: bool = False) -> None:
         self.id = id
-        self.gender = gender
+        self.gender = gender  # administrative gender
         self.birth_date = birth_date
+        self.female_sex = female_sex  # a recorded birth sex or sex for clinical use of female
+
+    @property
+    def may_be_pregnant(self) -> bool:
+        """Nothing in the record rules out a capacity for pregnancy: not recorded as male, or male with a female
+        birth sex or sex for clinical use."""
+        return self.gender != "male" or self.female_sex
 
     def age(self, today: date) -> int | None:
         if self.birth_date is None:
@@ -148,7 +163,38 @@ def read_patient(raw: dict[str, Any], fallback_id: str) -> Patient:
         id=str(raw.get("id") or fallback_id),
         gender=gender if isinstance(gender, str) else None,
         birth_date=parse_date(raw.get("birthDate")),
+        female_sex=_female_sex(listed(raw.get("extension"))),
     )
+
+
+# Extensions that record a sex relevant to pregnancy, whatever the administrative gender: US Core birth sex
+# (valueCode F), US Core sex (valueCode or Coding 248152002 Female), the R5 / cross-version sex parameter for
+# clinical use (value "female-typical") and recorded sex or gender (its nested `value`).
+_SEX_EXTENSIONS = ("birthsex", "us-core-sex", "sexparameterforclinicaluse", "sex-parameter-for-clinical-use",
+                   "recordedsexorgender", "clinical-sex")
+_FEMALE_VALUES = {"f", "female", "female-typical", "248152002", "female sex", "weiblich", "feminin", "nu"}
+
+
+def _female_sex(extensions: list[Any]) -> bool:
+    for ext in extensions:
+        if not isinstance(ext, dict) or not isinstance(ext.get("url"), str):
+            continue
+        url = ext["url"].lower()
+        if not any(name in url for name in _SEX_EXTENSIONS):
+            continue
+        values = [v for k, v in ext.items() if k.startswith("value")]
+        for inner in listed(ext.get("extension")):  # complex extensions carry the sex in a nested `value`
+            if isinstance(inner, dict) and inner.get("url") in ("value", "type"):
+                values.extend(v for k, v in inner.items() if k.startswith("value") and inner.get("url") == "value")
+        for value in values:
+            if isinstance(value, str) and value.strip().lower() in _FEMALE_VALUES:
+                return True
+            c = coded(value)
+            if any(x.code.lower() in _FEMALE_VALUES or x.display.lower() in _FEMALE_VALUES for x in c.codings):
+                return True
+            if any(t.strip().lower() in _FEMALE_VALUES for t in c.texts):
+                return True
+    return False
 
 
 def _id(raw: dict[str, Any]) -> str:
@@ -191,11 +237,18 @@ def read_allergy(raw: dict[str, Any], relevant: Relevant | None = None,
         return None
     substances = Coded()
     manifestations = Coded()
+    reactions: list[Coded] = []
+    severe = False
     for reaction in listed(raw.get("reaction")):
         if isinstance(reaction, dict):
             substances = substances.merged(coded(reaction.get("substance")))
-            manifestations = manifestations.merged(coded(reaction.get("manifestation")))
+            for manifestation in listed(reaction.get("manifestation")):
+                one = coded(manifestation)
+                reactions.append(one)
+                manifestations = manifestations.merged(one)
+            severe = severe or reaction.get("severity") == "severe"
     criticality = raw.get("criticality")
+    kind = status_code(raw.get("type"))
     return AllergyFact(
         str(raw.get("resourceType")), _id(raw), coded(raw.get("code")), raw,
         clinical=status_code(raw.get("clinicalStatus")),
@@ -205,6 +258,9 @@ def read_allergy(raw: dict[str, Any], relevant: Relevant | None = None,
         substances=substances,
         criticality=criticality if isinstance(criticality, str) else None,
         manifestations=manifestations,
+        reactions=reactions,
+        kind=kind,
+        severe=severe,
     )
 
 
@@ -227,14 +283,37 @@ def read_observation(raw: dict[str, Any], relevant: Relevant | None = None,
     value_choice = choice(raw, "value")
     value = Coded()
     value_boolean = None
+    number: float | None = None
+    unit = ""
+    value_date = None
     if value_choice is not None:
         kind, v = value_choice
         if kind == "Boolean" and isinstance(v, bool):
             value_boolean = v
         elif kind in ("CodeableConcept", "String", "Coding"):
             value = coded(v)
+        elif kind in ("Quantity", "Integer"):
+            number, unit = _quantity(v)
+        elif kind in ("DateTime", "Date"):
+            value_date = parse_date(v)
     return ObservationFact(str(raw.get("resourceType")), _id(raw), code, raw, when=when, status=status,
-                           value=value, value_boolean=value_boolean)
+                           value=value, value_boolean=value_boolean, value_number=number, value_unit=unit,
+                           value_date=value_date)
+
+
+def _quantity(value: Any) -> tuple[float | None, str]:
+    """(number, unit) of a Quantity (or a bare integer); a comparator like "<" or ">" keeps the bound."""
+    if isinstance(value, bool):
+        return None, ""
+    if isinstance(value, (int, float)):
+        return float(value), ""
+    if not isinstance(value, dict):
+        return None, ""
+    number = value.get("value")
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return None, ""
+    unit = value.get("code") if isinstance(value.get("code"), str) else value.get("unit")
+    return float(number), unit if isinstance(unit, str) else ""
 
 
 def read_medication(raw: dict[str, Any], relevant: Relevant | None = None,

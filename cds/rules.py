@@ -20,6 +20,8 @@ from .knowledge import (
     MedicationLeaf,
     ObservationLeaf,
     ObservationSpec,
+    PostpartumLeaf,
+    PostpartumSpec,
     PregnancyUnknownLeaf,
     Rule,
     WeanedLeaf,
@@ -36,10 +38,11 @@ class Evidence:
     compiles an explicit `__init__`, a dataclass's generated one stays interpreted (see `record.Fact`).
     """
 
-    __slots__ = ("ref", "what", "matched", "status", "when", "indicator", "notes", "raw")
+    __slots__ = ("ref", "what", "matched", "status", "when", "indicator", "notes", "raw", "supporting")
 
     def __init__(self, ref: str, what: str, matched: str, status: str = "", when: date | None = None,
-                 indicator: str = "warning", notes: list[str] | None = None, raw: dict[str, Any] | None = None) -> None:
+                 indicator: str = "warning", notes: list[str] | None = None, raw: dict[str, Any] | None = None,
+                 supporting: bool = False) -> None:
         self.ref = ref
         self.what = what
         self.matched = matched  # "code (SNOMED CT 77386006 Pregnant)", "text (Pregnant)", or "" when notes say it all
@@ -48,6 +51,7 @@ class Evidence:
         self.indicator = indicator
         self.notes: list[str] = notes if notes is not None else []
         self.raw = raw
+        self.supporting = supporting  # listed when the rule fires for another record; never fires it alone
 
 
 class Finding:
@@ -65,7 +69,7 @@ def worst(levels: list[str]) -> str:
 
 
 class Evaluation:
-    __slots__ = ("kb", "record", "orders", "today", "settings", "findings", "_by_set")
+    __slots__ = ("kb", "record", "orders", "today", "settings", "findings", "_by_set", "_delivery")
 
     def __init__(self, kb: KnowledgeBase, record: PatientRecord, orders: list[Order], today: date,
                  settings: Settings) -> None:
@@ -76,6 +80,7 @@ class Evaluation:
         self.settings = settings
         self.findings: dict[str, Finding] = {}
         self._by_set: dict[str, dict[str, list[Any]]] = {}
+        self._delivery: tuple[date, Evidence] | None | bool = False  # not looked for yet
 
     def members(self, kind: str, vs_id: str) -> list[Any]:
         """Facts of one kind (conditions, observations, medications) in a value set."""
@@ -102,7 +107,7 @@ class Evaluation:
             excluded = {e.ref for other in rule.excludes_evidence_of if other in self.findings
                         for e in self.findings[other].evidence}
             evidence = [e for e in self._node(rule, rule.when) if e.ref not in excluded]
-            if evidence:
+            if any(not e.supporting for e in evidence):
                 self.findings[rule.id] = self._finding(rule, _dedupe(evidence))
         return sorted(self.findings.values(), key=lambda f: -INDICATOR_RANK[f.indicator])
 
@@ -119,7 +124,7 @@ class Evaluation:
     def _finding(self, rule: Rule, evidence: list[Evidence]) -> Finding:
         indicator = worst([e.indicator for e in evidence])
         notes = []
-        if rule.verify_if_male and self.record.patient.gender == "male":
+        if rule.verify_if_male and not self.record.patient.may_be_pregnant:
             indicator = "warning" if INDICATOR_RANK[indicator] > INDICATOR_RANK["warning"] else indicator
             notes.append("The patient's recorded sex is male: verify this record before acting on it.")
         if any("unconfirmed" in n for e in evidence for n in e.notes):
@@ -148,6 +153,8 @@ class Evaluation:
         if isinstance(node, IncompleteLeaf):
             return [Evidence(ref=what, what=what, matched="", status=why, indicator=rule.indicator)
                     for what, why in self.record.unavailable.items()]
+        if isinstance(node, PostpartumLeaf):
+            return self._postpartum(rule, node)
         raise TypeError(f"unknown rule node {type(node).__name__}")  # unreachable: the grammar is closed
 
     def _conditions(self, rule: Rule, leaf: ConditionLeaf) -> list[Evidence]:
@@ -184,8 +191,7 @@ class Evaluation:
 
     def _site(self, fact: Fact, unknown: str, known: str) -> tuple[str, str] | None:
         sites = self.kb.sites
-        lesion = sites.classify(fact.body_site) if fact.body_site.codings or fact.body_site.texts \
-            else sites.classify(fact.code)
+        lesion = sites.classify(fact.body_site) or sites.classify(fact.code)  # "Laceration of forearm" names it
         results: list[tuple[str, str]] = []
         for order in self.orders:
             if not lesion or not order.sites:
@@ -204,35 +210,86 @@ class Evaluation:
         return Evidence(ref=fact.ref, what=fact.code.label, matched=matched, status=fact.status_text,
                         when=fact.onset or fact.recorded, indicator=indicator, notes=notes, raw=fact.raw)
 
-    def _latest(self, spec_code: str, max_age_days: int) -> ObservationFact | None:
-        """The latest Observation of this code, if it is recent enough to be used."""
-        vs = self.kb.vs(spec_code)
-        candidates = self.members("observations", vs.id)
-        if not candidates:
-            return None
+    def _latest(self, codes: list[str], max_age_days: int, ignore: str | None = None) -> ObservationFact | None:
+        """The latest Observation of these codes, if it is recent enough to be used; answers in `ignore`
+        ("unknown") are no status, so the one before them counts."""
+        skip = self.kb.vs(ignore) if ignore else None
         latest: ObservationFact | None = None
-        for o in candidates:  # the first of the latest, as max() would pick; undated ones never count
-            if o.when is not None and (latest is None or latest.when is None or o.when > latest.when):
+        for code in codes:
+            for o in self.members("observations", self.kb.vs(code).id):
+                # the first of the latest, as max() would pick; undated ones never count
+                if o.when is None or (latest is not None and latest.when is not None and o.when <= latest.when):
+                    continue
+                if skip is not None and o.value_boolean is None and o.value_number is None \
+                        and o.value_date is None and skip.match(o.value) is not None:
+                    continue
                 latest = o
         if latest is None or latest.when is None or latest.when.date() < self.today - timedelta(days=max_age_days):
             return None  # stale or undated: counts as unknown
         return latest
 
     def _observation(self, rule: Rule, spec: ObservationSpec) -> list[Evidence]:
-        latest = self._latest(spec.code, getattr(self.settings, spec.max_age_setting))
+        latest = self._latest([spec.code, *spec.with_codes], getattr(self.settings, spec.max_age_setting),
+                              spec.ignore_answers)
         if latest is None:
             return []
-        match = self.kb.vs(spec.answer).match(latest.value)
+        if spec.superseded_by_delivery:
+            delivery = self.delivery()
+            if delivery is not None and latest.when is not None and delivery[0] >= latest.when.date():
+                return []  # a delivery recorded since: the pregnancy it spoke of has ended
+        what = f"{latest.code.label}: {latest.value.label}"
+        how = None
+        match = self.kb.vs(spec.answer).match(latest.value) if spec.answer else None
         if match is not None:
             how = f"answer {match.what}" if match.by == "code" else f"answer text \"{match.what}\""
         elif spec.boolean is not None and latest.value_boolean is spec.boolean:
             how = f"answer {str(spec.boolean).lower()}"
-        else:
+            what = f"{latest.code.label}: {how}"
+        elif spec.quantity_above is not None and latest.value_number is not None and (
+                not spec.quantity_units or latest.value_unit.lower() in spec.quantity_units) \
+                and latest.value_number >= spec.quantity_above:
+            how = f"result {latest.value_number:g} {latest.value_unit} (at or above {spec.quantity_above:g})"
+            what = f"{latest.code.label}: {latest.value_number:g} {latest.value_unit}".strip()
+        elif spec.due_date and latest.value_date is not None \
+                and latest.value_date >= self.today - timedelta(days=DUE_DATE_GRACE_DAYS):
+            how = f"estimated delivery date {latest.value_date}"
+            what = f"{latest.code.label}: {latest.value_date}"
+        elif spec.gestational_age and latest.value_number is not None and latest.when is not None:
+            weeks = _weeks(latest.value_number, latest.value_unit)
+            if weeks is not None and 0 < weeks < 45 and \
+                    latest.when.date() + timedelta(weeks=42 - weeks) >= self.today:
+                how = f"gestational age {weeks:g} weeks on {latest.when.date()}"
+                what = f"{latest.code.label}: {latest.value_number:g} {latest.value_unit}".strip()
+        if how is None:
             return []
-        ev = Evidence(ref=latest.ref, what=f"{latest.code.label}: {latest.value.label if match else how}",
-                      matched=how, status=latest.status or "", when=latest.onset,
+        ev = Evidence(ref=latest.ref, what=what, matched=how, status=latest.status or "", when=latest.onset,
                       indicator=spec.indicator or rule.indicator, raw=latest.raw)
         return [ev]
+
+    def delivery(self) -> tuple[date, Evidence] | None:
+        """The latest delivery in the record: a postpartum or delivery Condition, the end of a pregnancy
+        Condition, or an estimated delivery date passed more than the grace days ago. Looked for once."""
+        if self._delivery is not False:
+            return self._delivery  # type: ignore[return-value]
+        spec = postpartum_spec(self.kb)
+        found: tuple[date, Evidence] | None = None
+        if spec is not None:
+            for fact in self.members("conditions", spec.deliveries):
+                day = fact.onset or fact.recorded or fact.abatement
+                if day is not None and day <= self.today and (found is None or day > found[0]):
+                    found = (day, self._evidence(fact, "delivery record", "warning", [f"delivery {day}"]))
+            for fact in self.members("conditions", spec.pregnancies):
+                day = fact.abatement
+                if day is not None and day <= self.today and (found is None or day > found[0]):
+                    found = (day, self._evidence(fact, "pregnancy ended", "warning", [f"pregnancy ended {day}"]))
+            for obs in self.members("observations", spec.due_dates):
+                day = obs.value_date
+                if day is not None and day < self.today - timedelta(days=DUE_DATE_GRACE_DAYS) and (
+                        found is None or day > found[0]):
+                    found = (day, Evidence(obs.ref, f"{obs.code.label}: {day}", "due date passed", obs.status or "",
+                                           obs.onset, "warning", [f"due {day}"], obs.raw))
+        self._delivery = found
+        return found
 
     def _medications(self, rule: Rule, leaf: MedicationLeaf) -> list[Evidence]:
         vs = self.kb.vs(leaf.medication.in_)
@@ -253,16 +310,30 @@ class Evaluation:
     def _allergies(self, rule: Rule, leaf: AllergyLeaf) -> list[Evidence]:
         spec = leaf.allergy
         severe = self.kb.vs(spec.critical_manifestations)
+        non_immune = self.kb.vs(spec.non_immune) if spec.non_immune else None
+        environmental = self.kb.vs(spec.environmental) if spec.environmental else None
         found = []
         for fact in self._current_allergies(spec.no_known):
+            if non_immune is not None and fact.kind == "intolerance" and fact.reactions and all(
+                    non_immune.match(r) is not None for r in fact.reactions):
+                continue  # an intolerance with only non-immune reactions (nausea, drowsiness) is no allergy
             notes = []
             indicator = rule.indicator
             if fact.criticality == "high":
                 indicator, notes = spec.severe_indicator, ["criticality high"]
+            if fact.severe:
+                indicator = spec.severe_indicator
+                notes.append("severe reaction")
             if (m := severe.match(fact.manifestations)) is not None:
                 indicator = spec.severe_indicator
                 notes.append(f"reaction: {m.what}")
-            found.append(self._evidence(fact, "", indicator, notes))
+            supporting = indicator != spec.severe_indicator and environmental is not None \
+                and environmental.match(fact.agent) is not None
+            if supporting:
+                notes.append("inhaled environmental allergen: listed with the others, not a reason on its own")
+            ev = self._evidence(fact, "", indicator, notes)
+            ev.supporting = supporting
+            found.append(ev)
         return found
 
     def _ingredient_allergies(self, leaf: IngredientAllergyLeaf) -> list[Evidence]:
@@ -279,7 +350,15 @@ class Evaluation:
                     source = f"{ingredient.display} in {order.ref} (from {ing.source})"
                     if ing.id in allergens:
                         hit = ("critical", f"allergen matches ordered ingredient {source}")
-                    elif ingredient.ingredient_class in classes:
+                    elif allergens.intersection(ingredient.members):  # a group ordered, one member allergen
+                        named = sorted(allergens.intersection(ingredient.members))
+                        names = ", ".join(kb.ingredients[a].display for a in named)
+                        hit = (leaf.ingredient_allergy.related_indicator,
+                               f"the ordered {ingredient.display} may include {names} ({order.ref}, from {ing.source})")
+                    elif any(ing.id in kb.ingredients[a].members for a in allergens):  # a group allergen
+                        hit = (leaf.ingredient_allergy.related_indicator,
+                               f"an allergy to unspecified vitamins or a mix may include ordered ingredient {source}")
+                    elif ingredient.ingredient_class and ingredient.ingredient_class in classes:
                         hit = ("critical", f"allergy to the class of ordered ingredient {source}")
                     elif ingredient.ingredient_class and any(
                             kb.ingredients[a].ingredient_class == ingredient.ingredient_class for a in allergens):
@@ -329,7 +408,7 @@ class Evaluation:
     def _pregnancy_unknown(self, leaf: PregnancyUnknownLeaf) -> list[Evidence]:
         spec = leaf.pregnancy_status_unknown
         patient = self.record.patient
-        if patient.gender not in spec.genders:
+        if not patient.may_be_pregnant:
             return []
         age = patient.age(self.today)
         s = self.settings
@@ -340,12 +419,66 @@ class Evaluation:
             latest = max((d for d in (fact.abatement, fact.recorded, fact.onset) if d), default=None)
             if fact.is_current(self.today) or (latest and latest >= window):
                 return []
-        if self._latest(spec.observation, s.pregnancy_status_max_age_days) is not None:
+        if self._latest([spec.observation, *spec.with_codes], s.pregnancy_status_max_age_days,
+                        spec.ignore_answers) is not None:
             return []
         note = f"no pregnancy status or pregnancy record in the last {s.pregnancy_status_max_age_days} days"
         age_text = f"{age} years" if age is not None else "age not recorded"
-        return [Evidence(f"Patient/{patient.id}", f"{patient.gender}, {age_text}", "patient demographics",
+        sex = patient.gender or "sex not recorded"
+        if patient.gender == "male":
+            sex = "male, with a female birth sex or sex for clinical use"
+        return [Evidence(f"Patient/{patient.id}", f"{sex}, {age_text}", "patient demographics",
                          note, None, "info", [], None)]
+
+    def _postpartum(self, rule: Rule, leaf: PostpartumLeaf) -> list[Evidence]:
+        spec = leaf.postpartum
+        if not self.record.patient.may_be_pregnant:
+            return []
+        delivery = self.delivery()
+        if delivery is None:
+            return []
+        day, evidence = delivery
+        months = getattr(self.settings, spec.months_setting)
+        if day < _months_before(self.today, months):
+            return []
+        for vs_id in spec.feeding:  # a breastfeeding record since the delivery answers the question
+            for kind in ("conditions", "observations"):
+                for fact in self.members(kind, self.kb.vs(vs_id).id):
+                    when = fact.onset or fact.recorded or fact.abatement
+                    if when is not None and when >= day:
+                        return []
+        evidence.indicator = rule.indicator
+        evidence.notes = [f"delivery on {day}, less than {months} months ago; breastfeeding not recorded since"]
+        return [evidence]
+
+
+def postpartum_spec(kb: KnowledgeBase) -> PostpartumSpec | None:
+    """What counts as a delivery, from the knowledge's postpartum node (None when no rule has one)."""
+    if "postpartum_spec" not in kb.derived:
+        found = None
+        for rule in kb.rules:
+            stack: list[Any] = [rule.when]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, AnyNode):
+                    stack.extend(node.any)
+                elif isinstance(node, PostpartumLeaf):
+                    found = node.postpartum
+        kb.derived["postpartum_spec"] = found
+    return kb.derived["postpartum_spec"]  # type: ignore[no-any-return]
+
+
+DUE_DATE_GRACE_DAYS = 14  # an estimated delivery date passed by less than this: the pregnancy may go on
+
+
+def _weeks(value: float, unit: str) -> float | None:
+    """A gestational age in weeks, from weeks (wk, weeks, the default) or days (d, days)."""
+    u = unit.strip().lower()
+    if u in ("", "wk", "wks", "week", "weeks", "w", "{weeks}", "semanas", "semaines", "wochen", "tuan"):
+        return value
+    if u in ("d", "day", "days", "{days}", "dias", "jours", "tage", "ngay"):
+        return value / 7
+    return None
 
 
 ANY = "*"
@@ -371,8 +504,6 @@ def _needs(kb: KnowledgeBase, node: Any) -> Needs:
         return None if any(p is None for p in parts) else frozenset().union(*parts)  # type: ignore[arg-type]
     if isinstance(node, ConditionLeaf):
         return frozenset({("conditions", kb.vs(node.condition.in_).id)})
-    if isinstance(node, ObservationLeaf):
-        return frozenset({("observations", kb.vs(node.observation.code).id)})
     if isinstance(node, MedicationLeaf):
         return frozenset({("medications", kb.vs(node.medication.in_).id)})
     if isinstance(node, AllergyLeaf) or isinstance(node, IngredientAllergyLeaf):
@@ -382,6 +513,12 @@ def _needs(kb: KnowledgeBase, node: Any) -> Needs:
                           ("observations", kb.vs(node.weaned.observation).id)})
     if isinstance(node, IncompleteLeaf):
         return frozenset({("unavailable", ANY)})
+    if isinstance(node, ObservationLeaf):
+        return frozenset({("observations", kb.vs(c).id) for c in [node.observation.code, *node.observation.with_codes]})
+    if isinstance(node, PostpartumLeaf):
+        spec = node.postpartum
+        return frozenset({("conditions", kb.vs(spec.deliveries).id), ("conditions", kb.vs(spec.pregnancies).id),
+                          ("observations", kb.vs(spec.due_dates).id)})
     return None  # PregnancyUnknownLeaf, and any leaf added later until it is described here
 
 

@@ -46,6 +46,7 @@ class ValueSetFile(Strict):
     codes: list[CodeEntry] = []
     prefixes: list[PrefixEntry] = []
     text: list[str] = []
+    abbreviations: list[str] = []  # case-sensitive shorthand (MI, CAD, T1DM), matched as whole tokens
     exclude_codes: list[CodeEntry] = []
     exclude_prefixes: list[PrefixEntry] = []
     exclude_text: list[str] = []
@@ -66,7 +67,8 @@ class OrderablesFile(Strict):
     orderables: list[Orderable]
     other_codes: list[CodeEntry] = []
     text: list[str]
-    exclude_text: list[str] = []
+    exclude_text: list[str] = []  # an order that names only these (a leaflet, a consultation) is not the procedure
+    procedure_text: list[str] = []  # ... unless it also names a session, a package, an injection, a product
     default_formulation: list[str]
 
 
@@ -80,6 +82,7 @@ class Ingredient(Strict):
     id: str
     display: str
     ingredient_class: str | None = Field(default=None, alias="class")
+    members: list[str] = []  # a group standing for unspecified contents ("vitamins"): the ingredients it may hold
     codes: list[CodeEntry] = []
     synonyms: list[str]
 
@@ -141,11 +144,29 @@ class ConditionSpec(Strict):
 
 
 class ObservationSpec(Strict):
+    """The latest Observation of `code` (and `with_codes`, one series), not older than the setting, that says so:
+    by its coded or text answer, a boolean, a result at or above a threshold, a due date not passed, or a
+    gestational age that puts the pregnancy still ahead of 42 weeks."""
+
     code: str
-    answer: str
+    with_codes: list[str] = []  # more value sets of codes in the same series (pregnancy status and hCG tests)
+    answer: str | None = None
     boolean: bool | None = None
+    quantity_above: float | None = None
+    quantity_units: list[str] = []  # the units `quantity_above` is in (a result in another unit is not read)
+    due_date: bool = False
+    gestational_age: bool = False
+    ignore_answers: str | None = None  # answers that are no status ("unknown"): skipped, the one before counts
+    superseded_by_delivery: bool = False  # a delivery recorded after the Observation ends what it says
     max_age_setting: str
     indicator: Indicator | None = None
+
+    @model_validator(mode="after")
+    def _reads_something(self) -> ObservationSpec:
+        if (self.answer is None and self.boolean is None and self.quantity_above is None and not self.due_date
+                and not self.gestational_age):
+            raise ValueError("an observation node needs answer, boolean, quantity_above, due_date or gestational_age")
+        return self
 
 
 class MedicationSpec(Strict):
@@ -157,6 +178,8 @@ class AllergySpec(Strict):
     no_known: str
     critical_manifestations: str
     severe_indicator: Indicator = "critical"
+    non_immune: str | None = None  # an intolerance whose every recorded reaction is in this set is not an allergy
+    environmental: str | None = None  # allergens that alone do not fire the rule (listed when it fires otherwise)
 
 
 class IngredientAllergySpec(Strict):
@@ -172,9 +195,24 @@ class WeanedSpec(Strict):
 
 
 class PregnancyUnknownSpec(Strict):
+    """Nothing rules out a capacity for pregnancy (not recorded as male, or male with a female birth sex or sex
+    for clinical use), the age is in range (or not recorded), and no pregnancy record or status is recent."""
+
     conditions: str
     observation: str
-    genders: list[str] = ["female"]
+    with_codes: list[str] = []
+    ignore_answers: str | None = None
+
+
+class PostpartumSpec(Strict):
+    """A delivery (a postpartum record, the end of a pregnancy, a due date passed) within the setting's months,
+    with no breastfeeding record dated after it."""
+
+    deliveries: str
+    pregnancies: str
+    due_dates: str
+    feeding: list[str]
+    months_setting: str
 
 
 class IncompleteSpec(Strict):
@@ -213,6 +251,10 @@ class IncompleteLeaf(Strict):
     screening_incomplete: IncompleteSpec
 
 
+class PostpartumLeaf(Strict):
+    postpartum: PostpartumSpec
+
+
 class AnyNode(Strict):
     any: list[Node]
 
@@ -235,7 +277,8 @@ Node = Annotated[
     | Annotated[IngredientAllergyLeaf, Tag("ingredient_allergy")]
     | Annotated[WeanedLeaf, Tag("weaned")]
     | Annotated[PregnancyUnknownLeaf, Tag("pregnancy_status_unknown")]
-    | Annotated[IncompleteLeaf, Tag("screening_incomplete")],
+    | Annotated[IncompleteLeaf, Tag("screening_incomplete")]
+    | Annotated[PostpartumLeaf, Tag("postpartum")],
     Discriminator(_node_kind),
 ]
 AnyNode.model_rebuild()

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
 
     # clinical policy (knowledge parameters a clinic can tune)
     weaning_wait_months: int = 6
+    postpartum_months: int = 12  # a delivery this recent, with no feeding record after it, asks about breastfeeding
     mi_recent_days: int = 180
     pregnancy_status_max_age_days: int = 294  # 42 weeks
     breastfeeding_status_max_age_days: int = 365

@@ -105,7 +105,7 @@ def test_card_detail_cites_evidence_and_source(client: httpx.Client) -> None:
     assert "matched code" in card["detail"] and "Seed article" in card["detail"]
     page = httpx.get(card["links"][0]["url"])
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "version 1" in page.text and "absolute contraindications" in page.text
+    assert "version 2" in page.text and "absolute contraindications" in page.text
 
 
 def test_no_mesotherapy_order_gives_empty_cards(client: httpx.Client) -> None:

@@ -96,7 +96,7 @@ def test_dashboard_html_and_csv_count_what_the_summary_counts(tmp_path: Path) ->
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         html = page.text
         assert '<svg' in html and "override rate" in html and "<script" not in html and "http://cdn" not in html
-        assert 'data-rule="allergy-history" data-version="1"' in html
+        assert f'data-rule="allergy-history" data-version="{summary["allergy-history"]["version"]}"' in html
         assert f'data-col=overridden>{summary["allergy-history"]["overridden"]}<' in html
         assert reason["display"] in html
         rows = list(csv.DictReader(io.StringIO(httpx.get(svc.base_url + "/feedback/dashboard.csv").text)))

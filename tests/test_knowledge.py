@@ -19,7 +19,8 @@ from conftest import ROOT
 CARDS = ROOT / "cards"
 TOPICS = {"pregnancy", "breastfeeding", "recently-weaned", "pregnancy-status-unknown", "allergy-history",
           "ingredient-allergy", "insulin-dependent-diabetes", "cardiovascular-disease", "myocardial-infarction",
-          "cancer-history", "bleeding-risk", "treatment-area-lesion", "immunosuppression", "screening-incomplete"}
+          "cancer-history", "bleeding-risk", "treatment-area-lesion", "immunosuppression", "screening-incomplete",
+          "postpartum-feeding-unknown"}
 
 
 def test_shipped_knowledge_loads_with_every_topic() -> None:

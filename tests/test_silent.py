@@ -46,7 +46,7 @@ def test_a_rule_silenced_by_setting_is_recorded_and_counted_not_returned(tmp_pat
         for _ in range(3):
             assert topics(httpx.post(svc.base_url + SERVICE, json=request, timeout=10)) == {"pregnancy": "critical"}
         rules = summary(svc)  # the summary first writes the cards still queued for the audit store
-        assert rules["allergy-history"] == {"rule": "allergy-history", "version": "1", "issued": 0, "silent": 3,
+        assert rules["allergy-history"] == {"rule": "allergy-history", "version": "2", "issued": 0, "silent": 3,
                                             "accepted": 0, "overridden": 0, "override_reasons": {}}
         assert rules["pregnancy"]["issued"] == 3 and rules["pregnancy"]["silent"] == 0
         metric = samples(svc)
