@@ -36,8 +36,11 @@ def main() -> int:
         kind = "invalid knowledge in cards/" if isinstance(exc, KnowledgeError) else "unsafe configuration"
         log.error("refusing to start: %s: %s", kind, exc)
         return 2
+    from .server import protocol
+
     uvicorn.run(app, host=host, port=port, log_config=None, log_level=settings.log_level.lower(),
-                access_log=settings.access_log)
+                access_log=settings.access_log, http=protocol(settings),
+                timeout_keep_alive=max(1, round(settings.http_keepalive_s)))
     return 0
 
 

@@ -8,7 +8,7 @@ import html
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any
 
 import aiohttp
@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from . import BUILD, COMPILED, __version__, dashboard, demo, metrics
-from .audit import AuditWriter
+from .audit import AuditWriter, prune_forever
 from .errors import (
     CDSError,
     ConfigError,
@@ -29,11 +29,14 @@ from .errors import (
     InvalidRequest,
     NotAuthenticated,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceNotFound,
 )
 from .feedback import parse_feedback
+from .fhirjson import set_text_limit
 from .hooks import SERVED_HOOKS, validate_request
 from .knowledge import KnowledgeBase, load_knowledge
+from .openapi import document
 from .prefetch import TEMPLATES
 from .screening import Screening
 from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym_key
@@ -58,7 +61,8 @@ class FhirJSON(JSONResponse):
 
 
 def outcome_response(error: CDSError) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, NotAuthenticated) else None
+    headers = ({"WWW-Authenticate": "Bearer"} if isinstance(error, NotAuthenticated) else
+               {"Connection": "close"} if isinstance(error, RequestTimeout) else None)
     return FhirJSON(error.to_operation_outcome(), status_code=error.status, media_type="application/fhir+json",
                     headers=headers)
 
@@ -135,6 +139,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     problems = check_production_settings(settings)
     if problems:
         raise ConfigError("; ".join(problems))
+    set_text_limit(settings.max_text_chars)
     kb = load_knowledge(settings.knowledge_dir, env=settings.env).with_overrides(settings.silent_rules,
                                                                                  settings.active_rules)
     if kb.silent:
@@ -149,19 +154,26 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         store = await _open_store(settings)
         connector = aiohttp.TCPConnector(limit=512, limit_per_host=128, keepalive_timeout=30)
         async with httpx.AsyncClient(follow_redirects=False) as http, \
-                aiohttp.ClientSession(connector=connector, raise_for_status=False, trust_env=False) as fhir_http:
+                aiohttp.ClientSession(connector=connector, raise_for_status=False, trust_env=False,
+                                      auto_decompress=False) as fhir_http:  # fhir.py inflates, under a cap
             app.state.http = http  # JWKS fetches
             app.state.fhir_http = fhir_http
             app.state.store = store
             replay = FallbackReplayCache(store, _replay_fallback)
             app.state.verifier = ClientVerifier(settings, http, replay=replay) if settings.jwt_required else None
-            app.state.audit = AuditWriter(store)
+            app.state.audit = AuditWriter(store, max_pending=settings.audit_max_pending,
+                                          spool=settings.audit_spool_path)
             app.state.audit.start()
+            pruner = asyncio.create_task(prune_forever(store, settings.audit_retention_days,
+                                                       settings.audit_prune_interval_s), name="audit-retention")
             gc.collect()
             gc.freeze()  # start-up objects (models, knowledge) never need scanning again
             try:
                 yield
             finally:
+                pruner.cancel()
+                with suppress(asyncio.CancelledError):
+                    await pruner
                 await app.state.audit.close()
                 await store.close()
 
@@ -220,7 +232,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         if service_id != SERVICE_ID:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
         started = time.perf_counter()
-        body = validate_request(await read_json(request, settings.max_body_bytes))
+        body = validate_request(await read_json(request, settings.max_body_bytes, settings.http_body_timeout_s))
         try:
             cards, silent, patient = await screening.screen(body, request.app.state.fhir_http, base_url(request))
         except DataUnavailable as exc:
@@ -254,9 +266,15 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     async def post_feedback(service_id: str, request: Request, claims: Client) -> Response:
         if service_id != SERVICE_ID:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
-        entries = parse_feedback(await read_json(request, settings.max_body_bytes))
+        entries = parse_feedback(await read_json(request, settings.max_body_bytes, settings.http_body_timeout_s))
+        audit: AuditWriter = request.app.state.audit
         try:
-            await request.app.state.audit.flush()  # cards this worker issued a moment ago are stored first
+            await audit.flush()  # cards this worker issued a moment ago are stored first
+            if audit.pending(entries):  # a card still waiting for the store (an outage): held until it is written
+                audit.hold(entries)
+                for e in entries:
+                    metrics.FEEDBACK.labels(outcome=e.outcome).inc()
+                return FhirJSON({"received": len(entries), "stored": 0, "held": len(entries)})
             try:
                 stored = await request.app.state.store.record_feedback(entries)
             except UnknownCard:  # possibly issued by another worker whose batch is still being written
@@ -308,6 +326,12 @@ def create_app(settings: Settings | None = None) -> CDSApp:
                 f"<p>Seed article: <code>{e(rule.source.seed)}</code></p>")
         return HTMLResponse(_page(rule.title, body))
 
+    openapi_document = document(SERVICE_ID)
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return FhirJSON(openapi_document, media_type="application/json")
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return FhirJSON({"status": "ok"})
@@ -341,8 +365,22 @@ async def _open_store(settings: Settings) -> Store:
         return await Store.open(settings.sqlalchemy_url, migrate=False)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON: 413 over the limit, 400 when it is not JSON."""
+async def read_json(request: Request, limit: int, timeout_s: float = 10.0) -> Any:
+    """The request body as JSON: 413 over the limit, 408 when it does not arrive in time, 400 when not JSON."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            chunks = await _read_body(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    if not chunks:
+        raise InvalidRequest("the request body is empty; a JSON object is required")
+    try:
+        return orjson.loads(chunks)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit():
         if int(declared) > limit:
@@ -355,12 +393,7 @@ async def read_json(request: Request, limit: int) -> Any:
             if len(buffer) > limit:
                 raise PayloadTooLarge(f"request body is over {limit} bytes")
         chunks = bytes(buffer)
-    if not chunks:
-        raise InvalidRequest("the request body is empty; a JSON object is required")
-    try:
-        return orjson.loads(chunks)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    return chunks
 
 
 def _page(title: str, body: str) -> str:

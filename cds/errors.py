@@ -4,6 +4,7 @@
      ├── InvalidRequest      400  malformed JSON, missing or ill-typed field, hook not served
      ├── NotAuthenticated    401  (body never says why)
      ├── ServiceNotFound     404  unknown service id or path
+     ├── RequestTimeout      408  the request body stopped arriving (the connection is closed)
      ├── PayloadTooLarge     413
      └── DataUnavailable     412  the Patient could not be obtained
     KnowledgeError, ConfigError  raised at start-up only: cards/ or the settings are invalid
@@ -55,6 +56,13 @@ class ServiceNotFound(CDSError):
 
     status = 404
     issue_code = "not-found"
+
+
+class RequestTimeout(CDSError):
+    """The request body did not arrive in time."""
+
+    status = 408
+    issue_code = "timeout"
 
 
 class PayloadTooLarge(CDSError):

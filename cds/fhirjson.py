@@ -51,23 +51,56 @@ def norm_system(system: str | None) -> str:
     return found
 
 
+# Memory bounded by bytes (issue 15): a text longer than the limit is matched on its first part only and is
+# never memoised, and every memo counts the characters of what it keeps and starts again past MEMO_CHARS.
+_TEXT_LIMIT = [4096]  # characters; set from CDS_MAX_TEXT_CHARS at start-up (a list: set without `global`)
+MEMO_CHARS = 4_000_000  # per memo, characters of its keys (a few MB), then it is emptied and starts again
+_FOLD_MEMO_CHARS = 256  # only texts this short go through fold's cache (65,536 of them: at most 16 M characters)
+
+
+def text_limit() -> int:
+    return _TEXT_LIMIT[0]
+
+
+def set_text_limit(chars: int) -> None:
+    _TEXT_LIMIT[0] = max(64, chars)
+
+
 # Letters that Unicode does not decompose into a base letter and a mark: Vietnamese đ, Polish ł, Nordic ø, ...
 _LETTERS = str.maketrans({"đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "ß": "ss", "æ": "ae",
                           "Æ": "AE", "œ": "oe", "Œ": "OE", "ı": "i", "ħ": "h", "ŧ": "t"})
 
 
-@lru_cache(maxsize=65_536)
 def strip_accents(text: str) -> str:
     """Accent-free, single-spaced text with its case kept ("Đái tháo đường" -> "Dai thao duong")."""
+    return _strip_cached(text) if len(text) <= _FOLD_MEMO_CHARS else _strip(text)
+
+
+@lru_cache(maxsize=65_536)
+def _strip_cached(text: str) -> str:
+    return _strip(text)
+
+
+def _strip(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text.translate(_LETTERS))
     stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     return re.sub(r"\s+", " ", stripped).strip()
 
 
-@lru_cache(maxsize=65_536)
 def fold(text: str) -> str:
     """Lower-case, accent-free, single-spaced text for matching ("Mésothérapie" -> "mesotherapie")."""
-    return strip_accents(text).casefold()
+    return _fold_cached(text) if len(text) <= _FOLD_MEMO_CHARS else _fold(text)
+
+
+@lru_cache(maxsize=65_536)
+def _fold_cached(text: str) -> str:
+    return _fold(text)
+
+
+def _fold(text: str) -> str:
+    return _strip(text).casefold()
+
+
 
 
 class Coding(NamedTuple):
@@ -123,6 +156,13 @@ EMPTY = Coded()
 
 _CONCEPTS: dict[tuple[Any, ...], Coded] = {}  # a CodeableConcept's JSON -> its Coded; charts repeat concepts
 _CONCEPTS_LIMIT = 50_000
+_CONCEPTS_CHARS = [0]  # characters of the texts and codings it holds
+
+
+def concept_chars(value: Coded) -> int:
+    """What a concept costs a memo, in characters (its texts and its codings' strings, plus a little each)."""
+    return sum(len(t) for t in value.texts) + sum(
+        16 + len(c.system) + len(c.code) + len(c.display) for c in value.codings)
 
 
 def listed(value: Any) -> list[Any]:
@@ -136,11 +176,18 @@ def listed(value: Any) -> list[Any]:
 
 
 def _concept_key(raw_codings: list[Any], text: Any) -> tuple[Any, ...] | None:
+    """The memo key of a CodeableConcept's JSON; None (not memoised) for an odd shape or a long text."""
+    limit = _TEXT_LIMIT[0]
+    if type(text) is str and len(text) > limit:
+        return None
     parts = []
     for c in raw_codings:
         if type(c) is not dict:
             return None
-        parts.append((c.get("system"), c.get("code"), c.get("display")))
+        display = c.get("display")
+        if type(display) is str and len(display) > limit:
+            return None
+        parts.append((c.get("system"), c.get("code"), display))
     return (tuple(parts), text)
 
 
@@ -172,9 +219,12 @@ def coded(value: Any) -> Coded:
             codings = (_coding(value),)
         result = Coded(codings, (text,) if isinstance(text, str) else ())
         if key is not None:
-            if len(_CONCEPTS) >= _CONCEPTS_LIMIT:
+            chars = concept_chars(result)
+            if len(_CONCEPTS) >= _CONCEPTS_LIMIT or _CONCEPTS_CHARS[0] + chars > MEMO_CHARS:
                 _CONCEPTS.clear()
+                _CONCEPTS_CHARS[0] = 0
             _CONCEPTS[key] = result
+            _CONCEPTS_CHARS[0] += chars
         return result
     if isinstance(value, str):
         return Coded((), (value,))

@@ -53,6 +53,10 @@ def validate_request(body: Any) -> dict[str, Any]:
         if token_type is not None and (not isinstance(token_type, str) or token_type.lower() != "bearer"):
             raise InvalidRequest("fhirAuthorization.token_type must be 'Bearer'",
                                  expression="fhirAuthorization.token_type")
+        for name in ("scope", "subject", "patient"):
+            if name in auth and not isinstance(auth[name], str):
+                raise InvalidRequest(f"fhirAuthorization.{name} must be a string",
+                                     expression=f"fhirAuthorization.{name}")
         if "expires_in" in auth and not (isinstance(auth["expires_in"], int)
                                          and not isinstance(auth["expires_in"], bool)):
             raise InvalidRequest("fhirAuthorization.expires_in must be an integer",
@@ -75,17 +79,21 @@ def validate_request(body: Any) -> dict[str, Any]:
     if "encounterId" in context and not (isinstance(context["encounterId"], str)
                                          and _FHIR_ID.match(context["encounterId"])):
         raise InvalidRequest("context.encounterId must be a FHIR id", expression="context.encounterId")
-    if hook == "order-select":
-        selections = context.get("selections")
-        if selections is None:
-            raise InvalidRequest("required field context.selections is missing for order-select",
-                                 expression="context.selections")
-        if not isinstance(selections, list) or not selections or not all(
-                isinstance(s, str) and s for s in selections):
-            raise InvalidRequest("context.selections must be a non-empty array of references",
-                                 expression="context.selections")
-    if context.get("draftOrders") is None:
+    # Both order hooks' context (CDS Hooks order-select 1.0, order-sign 1.1): selections is required on
+    # order-select; order-sign defines none, so one sent there is tolerated but must still be well formed.
+    selections = context.get("selections")
+    if selections is None and hook == "order-select":
+        raise InvalidRequest("required field context.selections is missing for order-select",
+                             expression="context.selections")
+    if selections is not None and (not isinstance(selections, list) or not selections or not all(
+            isinstance(s, str) and s for s in selections)):
+        raise InvalidRequest("context.selections must be a non-empty array of references (strings)",
+                             expression="context.selections")
+    draft_orders = context.get("draftOrders")
+    if draft_orders is None:
         raise InvalidRequest("required field context.draftOrders is missing", expression="context.draftOrders")
+    if not isinstance(draft_orders, dict):
+        raise InvalidRequest("context.draftOrders must be a FHIR Bundle (an object)", expression="context.draftOrders")
     prefetch = body.get("prefetch")
     if prefetch is not None and not isinstance(prefetch, dict):
         raise InvalidRequest("prefetch must be an object", expression="prefetch")

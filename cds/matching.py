@@ -11,7 +11,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .fhirjson import ICD10CM, LOINC, RXNORM, SNOMED, Coded, fold, norm_system, strip_accents
+from .fhirjson import (
+    ICD10CM,
+    LOINC,
+    MEMO_CHARS,
+    RXNORM,
+    SNOMED,
+    Coded,
+    concept_chars,
+    fold,
+    norm_system,
+    strip_accents,
+    text_limit,
+)
 from .schema import BodySite, PrefixEntry
 
 SYSTEM_ALIASES = {
@@ -60,16 +72,24 @@ class TextMatcher:
     exclude: re.Pattern[str] | None = None
     abbreviations: re.Pattern[str] | None = None
     memo: dict[str, bool] = field(default_factory=dict)
+    memo_chars: int = 0
 
     def search(self, text: str) -> str | None:
-        """`text` when it mentions the pattern outside a negation (and no exclusion applies), else None."""
+        """`text` when it mentions the pattern outside a negation (and no exclusion applies), else None.
+
+        A text over `fhirjson.text_limit()` characters is matched on its first part only, and never memoised."""
         if self.pattern is None and self.abbreviations is None:
             return None
+        limit = text_limit()
+        if len(text) > limit:
+            return text if self._decide(text[:limit]) else None
         hit = self.memo.get(text)
         if hit is None:
-            if len(self.memo) >= MEMO_LIMIT:
+            if len(self.memo) >= MEMO_LIMIT or self.memo_chars + len(text) > MEMO_CHARS:
                 self.memo.clear()
+                self.memo_chars = 0
             hit = self.memo[text] = self._decide(text)
+            self.memo_chars += len(text)
         return text if hit else None
 
     def _decide(self, text: str) -> bool:
@@ -187,13 +207,19 @@ class MatchIndex:
                         self._lengths.setdefault(system, set()).add(len(prefix))
         self._text_memo: dict[str, tuple[str, ...]] = {}
         self._memo: dict[tuple[Any, ...], dict[str, Match]] = {}
+        self._text_memo_chars = 0
+        self._memo_chars = 0
 
     def _text_sets(self, text: str) -> tuple[str, ...]:
+        if len(text) > text_limit():  # long: matched on its first part (TextMatcher.search), never memoised
+            return tuple(vs.id for vs in self._sets if vs.text.search(text))
         found = self._text_memo.get(text)
         if found is None:
-            if len(self._text_memo) >= MEMO_LIMIT:
+            if len(self._text_memo) >= MEMO_LIMIT or self._text_memo_chars + len(text) > MEMO_CHARS:
                 self._text_memo.clear()
+                self._text_memo_chars = 0
             found = self._text_memo[text] = tuple(vs.id for vs in self._sets if vs.text.search(text))
+            self._text_memo_chars += len(text)
         return found
 
     def hits(self, value: Coded) -> dict[str, Match]:
@@ -203,9 +229,14 @@ class MatchIndex:
         key = (value.codings, value.texts)  # the same concept recurs across charts: classify it once
         found = self._memo.get(key)
         if found is None:
-            if len(self._memo) >= MEMO_LIMIT:
-                self._memo.clear()
-            found = self._memo[key] = self._classify(value)
+            found = self._classify(value)
+            chars = concept_chars(value)
+            if chars <= text_limit():  # a concept with a long text is classified afresh, never memoised
+                if len(self._memo) >= MEMO_LIMIT or self._memo_chars + chars > MEMO_CHARS:
+                    self._memo.clear()
+                    self._memo_chars = 0
+                self._memo[key] = found
+                self._memo_chars += chars
         value.hits = (self, found)
         return found
 
@@ -274,7 +305,7 @@ class SiteTable:
                         break
         if not found:
             for text in value.all_texts():
-                folded = fold(text)
+                folded = fold(text[:text_limit()])
                 found.update(site for site, pattern in self.text if pattern.search(folded))
         if len(found) > 1:
             ancestors = {a for site in found for a in self.lineage(site) if a != site}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -29,9 +30,9 @@ PlatformCollector(registry=REGISTRY)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.5, 2.0)
 
 PREFETCH_OUTCOMES = ("prefetch", "fetched", "unavailable")
-FHIR_ERROR_KINDS = ("timeout", "http_error", "unreachable", "foreign_link")
+FHIR_ERROR_KINDS = ("timeout", "http_error", "unreachable", "foreign_link", "too_large")
 FEEDBACK_OUTCOMES = ("accepted", "overridden")
-STORE_OPERATIONS = ("open", "ping", "record_cards", "record_feedback", "summary", "claim_jti")
+STORE_OPERATIONS = ("open", "ping", "record_cards", "record_feedback", "summary", "claim_jti", "prune")
 
 REQUEST_LATENCY = Histogram(
     "cds_request_duration_seconds", "Time to answer a CDS Hooks service request, by hook.",
@@ -48,13 +49,20 @@ PREFETCH = Counter(
     "unavailable (neither).",
     ["outcome"], registry=REGISTRY)
 FHIR_ERRORS = Counter(
-    "cds_fhir_errors_total", "Failed FHIR reads, by kind: timeout, http_error, unreachable, foreign_link.",
+    "cds_fhir_errors_total",
+    "Failed FHIR reads, by kind: timeout, http_error, unreachable, foreign_link, too_large (bytes or entries).",
     ["kind"], registry=REGISTRY)
 FEEDBACK = Counter(
     "cds_feedback_total", "Feedback entries received, by outcome.", ["outcome"], registry=REGISTRY)
 STORE_ERRORS = Counter(
     "cds_store_errors_total", "Audit store operations that failed (database unreachable or erroring).",
     ["operation"], registry=REGISTRY)
+AUDIT_BACKLOG = Gauge(
+    "cds_audit_backlog", "Issued cards (kind=cards) and feedback entries (kind=feedback) not yet in the audit "
+    "store: kept in memory and in the local spool file while the store is down.", ["kind"], registry=REGISTRY)
+AUDIT_DROPPED = Counter(
+    "cds_audit_dropped_total", "Issued cards or feedback entries given up: the backlog was full, or the store "
+    "refused them for a reason other than an outage.", registry=REGISTRY)
 
 # Export the known label sets at zero, so dashboards and rate() see the series before the first event.
 for _outcome in PREFETCH_OUTCOMES:
@@ -63,6 +71,8 @@ for _kind in FHIR_ERROR_KINDS:
     FHIR_ERRORS.labels(kind=_kind)
 for _outcome in FEEDBACK_OUTCOMES:
     FEEDBACK.labels(outcome=_outcome)
+for _kind in ("cards", "feedback"):
+    AUDIT_BACKLOG.labels(kind=_kind)
 for _operation in STORE_OPERATIONS:
     STORE_ERRORS.labels(operation=_operation)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import InvalidRequest
-from .fhirjson import Coded, coded, fold, listed, ref_key, reference
+from .fhirjson import MEMO_CHARS, Coded, coded, concept_chars, fold, listed, ref_key, reference, text_limit
 from .knowledge import KnowledgeBase, Match, Orderable
 from .record import medication_code
 
@@ -228,10 +228,18 @@ def ingredients_in(kb: KnowledgeBase, value: Coded) -> set[str]:
             members = kb.ingredients[ing_id].members
             if members and found.intersection(members):
                 found.discard(ing_id)
-        if len(kb.ingredient_memo) >= 50_000:
-            kb.ingredient_memo.clear()
-        kb.ingredient_memo[key] = known = frozenset(found)
+        known = frozenset(found)
+        chars = concept_chars(value)
+        if chars <= text_limit():  # a long text is matched on its first part and never memoised
+            if len(kb.ingredient_memo) >= 50_000 or _MEMO_CHARS[0] + chars > MEMO_CHARS:
+                kb.ingredient_memo.clear()
+                _MEMO_CHARS[0] = 0
+            kb.ingredient_memo[key] = known
+            _MEMO_CHARS[0] += chars
     return set(known)
+
+
+_MEMO_CHARS = [0]  # characters of the concepts in `KnowledgeBase.ingredient_memo`
 
 
 def _order_sites(kb: KnowledgeBase, resource: dict[str, Any], concepts: Coded,

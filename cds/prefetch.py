@@ -15,7 +15,17 @@ from urllib.parse import quote
 import aiohttp
 
 from .errors import DataUnavailable
-from .fhir import FhirClient, FhirError, entries, error_outcome, malformed_bundle, next_link, server_allowed
+from .fhir import (
+    FhirClient,
+    FhirError,
+    Limits,
+    TooManyEntries,
+    entries,
+    error_outcome,
+    malformed_bundle,
+    next_link,
+    server_allowed,
+)
 from .record import (
     PatientRecord,
     Reader,
@@ -106,7 +116,9 @@ async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.Clie
     """Every template's resources, fetching the ones prefetch did not supply, all under one deadline."""
     context = request["context"]
     prefetch = request.get("prefetch") or {}
-    client = _client(request, settings, http)
+    limits = Limits(settings.fhir_max_bytes, settings.fhir_max_entries,
+                    asyncio.get_running_loop().time() + settings.deadline_s)
+    client = _client(request, settings, http, limits)
     data: dict[str, list[dict[str, Any]]] = {}
     unavailable: dict[str, str] = {}
     jobs: dict[str, Any] = {}
@@ -135,7 +147,11 @@ async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.Clie
     if jobs:
         results = await _run_all(jobs, settings.deadline_s)
         for key, result in results.items():
-            if isinstance(result, FhirError):
+            if isinstance(result, TooManyEntries):  # screened as far as the cap, and said so
+                unavailable[key] = result.reason
+                errors.append(result.kind)
+                data[key] = result.resources
+            elif isinstance(result, FhirError):
                 unavailable[key] = result.reason
                 errors.append(result.kind)
                 data.pop(key, None)
@@ -144,7 +160,8 @@ async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.Clie
     return Gathered(data, unavailable, set(jobs) - set(unavailable), errors)
 
 
-def _client(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSession) -> FhirClient | str:
+def _client(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSession,
+            limits: Limits) -> FhirClient | str:
     """A FHIR client for this request, or the reason why the service may not fetch anything."""
     server = request.get("fhirServer")
     auth = request.get("fhirAuthorization")
@@ -156,7 +173,7 @@ def _client(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSes
         return "its FHIR server is not on this service's allow-list"
     if not token and not settings.anonymous_fhir_allowed:
         return "it gave no access token for its FHIR server"
-    return FhirClient(http, server, token, settings.fhir_timeout_s, settings.fhir_max_pages)
+    return FhirClient(http, server, token, settings.fhir_timeout_s, settings.fhir_max_pages, limits)
 
 
 def _origin_text(url: str) -> str:
@@ -172,6 +189,12 @@ async def _fetch(client: FhirClient, query: str) -> list[dict[str, Any]]:
         return []
     if not isinstance(result, dict):
         raise FhirError("the FHIR server answered with something that is not a FHIR resource")
+    wanted = query.split("/")[0] if "?" not in query else None  # an instance read: Patient/1
+    if wanted is not None and result.get("resourceType") not in (wanted, "OperationOutcome"):
+        got = result.get("resourceType")
+        raise FhirError(f"the FHIR server answered the {wanted} read with "
+                        f"{'a ' + got if isinstance(got, str) and got.isalnum() else 'something'} "
+                        f"instead of a {wanted}")
     if result.get("resourceType") == "Bundle":
         if malformed_bundle(result):
             raise FhirError("the FHIR server answered with a Bundle whose entries cannot be read")
@@ -212,7 +235,10 @@ def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str],
     """
     patients = [r for r in gathered.data.get("patient", []) if r.get("resourceType") == "Patient"]
     if not patients:
-        why = gathered.unavailable.get("patient", "the EHR sent no data for the patient")
+        kinds = sorted({k for r in gathered.data.get("patient", []) if isinstance(k := r.get("resourceType"), str)
+                        and k.isalnum()})
+        why = gathered.unavailable.get("patient", f"the EHR sent {', '.join(kinds)} where a Patient belongs"
+                                       if kinds else "the EHR sent no data for the patient")
         raise DataUnavailable(f"The Patient resource could not be obtained: {why}.", expression="prefetch.patient")
     record = PatientRecord(patient=read_patient(patients[0], patient_id), draft_ids=draft_ids)
     record.unavailable = {LABELS[k]: why for k, why in gathered.unavailable.items() if k != "patient"}

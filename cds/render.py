@@ -26,9 +26,13 @@ INDICATOR_WORDS = {
 }
 
 
-@lru_cache(maxsize=8192)
 def md(text: str) -> str:
-    """Escape record text for GitHub-flavoured Markdown."""
+    """Escape record text for GitHub-flavoured Markdown (short texts through a cache: memory bounded by bytes)."""
+    return _md_cached(text) if len(text) <= 256 else _MD_SPECIAL.sub(r"\\\1", text)
+
+
+@lru_cache(maxsize=8192)
+def _md_cached(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 

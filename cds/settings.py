@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     # Storage (issue 5): SQLite in data_dir unless a database URL is given
     data_dir: Path = ROOT / "data"
     database_url: str | None = None
+    audit_spool: Path | None = None  # cards and feedback not yet stored (store outage); default data_dir/...
+    # Audit retention: issued cards and the feedback on them are deleted this long after issue (README: why 7 years)
+    audit_retention_days: float = 2557.0  # 7 years
+    audit_prune_interval_s: float = 3600.0
+    audit_max_pending: int = 100_000  # cards kept while the store is down; beyond it the oldest are dropped
 
     # FHIR access (CDS Hooks "FHIR Resource Access")
     allowed_fhir_servers: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -53,6 +58,8 @@ class Settings(BaseSettings):
     fhir_timeout_s: float = 0.5
     deadline_s: float = 0.8
     fhir_max_pages: int = 20
+    fhir_max_bytes: int = 10_000_000  # per FHIR answer, as sent and as inflated
+    fhir_max_entries: int = 10_000  # per search, next pages counted; more: screened this far, and said so
 
     # clinical policy (knowledge parameters a clinic can tune)
     weaning_wait_months: int = 6
@@ -73,6 +80,13 @@ class Settings(BaseSettings):
     demo_patients_dir: Path = ROOT / "fixtures" / "synthetic"
 
     max_body_bytes: int = 1_048_576
+    # HTTP limits (cds/server.py, uvicorn; deploy/README.md maps them to a reverse proxy)
+    http_max_headers: int = 100
+    http_max_head_bytes: int = 32_768  # request line and headers together
+    http_head_timeout_s: float = 10.0  # from the request's first byte (or the connection's opening) to its last header
+    http_body_timeout_s: float = 10.0  # for the whole body of a hook or feedback call
+    http_keepalive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_text_chars: int = 4096  # a longer text in a record is matched on its first part only, never memoised
 
     @field_validator("allowed_fhir_servers", mode="before")
     @classmethod
@@ -104,6 +118,10 @@ class Settings(BaseSettings):
                     return driver + url[len(plain):]
             return url
         return f"sqlite+aiosqlite:///{self.data_dir / 'cds.sqlite3'}"
+
+    @property
+    def audit_spool_path(self) -> Path:
+        return self.audit_spool or self.data_dir / "audit-spool.jsonl"
 
     @property
     def demo_enabled(self) -> bool:

@@ -341,6 +341,26 @@ class Store:
                 self._last_purge = now
             return (await conn.execute(stmt)).first() is not None
 
+    async def prune(self, before: datetime, *, batch: int = _IN_CHUNK, pause_s: float = 0.01) -> int:
+        """Delete the cards issued before `before`, with the feedback on them; returns how many cards.
+
+        Audit retention: a batch of `batch` cards per short transaction, with a pause between batches, so the
+        hooks' own writes (and on SQLite the single write lock) are never held up for long.
+        """
+        total = 0
+        while True:
+            async with self._write("prune") as conn:
+                uuids = list((await conn.execute(
+                    sa.select(issued_cards.c.uuid).where(issued_cards.c.issued_at < _utc(before))
+                    .order_by(issued_cards.c.issued_at).limit(batch))).scalars())
+                if uuids:
+                    await conn.execute(sa.delete(feedback).where(feedback.c.card_uuid.in_(uuids)))
+                    await conn.execute(sa.delete(issued_cards).where(issued_cards.c.uuid.in_(uuids)))
+            total += len(uuids)
+            if len(uuids) < batch:
+                return total
+            await asyncio.sleep(pause_s)
+
     async def claim(self, key: str, expires_at: float) -> bool:
         """`ReplayCache` protocol: same as `claim_jti`."""
         return await self.claim_jti(key, expires_at)

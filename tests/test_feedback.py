@@ -158,7 +158,9 @@ def test_store_outage_does_not_stop_cards(tmp_path: Path) -> None:
         assert response.status_code == 200 and response.json()["cards"]
         assert httpx.get(svc.base_url + "/readyz").status_code == 503
         card = response.json()["cards"][0]
-        assert post(svc, overridden(card, None)).status_code == 503
+        held = post(svc, overridden(card, None))  # its card waits for the store: the feedback waits with it
+        assert held.status_code == 200 and held.json()["held"] == 1
         metrics = httpx.get(svc.base_url + "/metrics").text
-    assert 'cds_store_errors_total{operation="record_cards"} 1.0' in metrics
+    assert 'cds_store_errors_total{operation="record_cards"} 0.0' not in metrics
+    assert 'cds_audit_backlog{kind="feedback"} 1.0' in metrics
     assert json.dumps(card)  # the card itself was complete
