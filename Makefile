@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test install install-test lint bench clean vocab
+.PHONY: run test install install-test chromium screenshots lint bench clean vocab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,19 @@ $(VENV)/.installed: $(VENV)/.build-tools setup.py $(wildcard cds/*.py)
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed
+install-test: $(VENV)/.installed chromium
 	cd tests/fhir_server && (npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error)
+
+# The browser tests drive Debian's chromium through the PyPI playwright package (its own browser download is not
+# used). Installing it needs root (or sudo) and apt; elsewhere install Chromium yourself or set CDS_CHROMIUM.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "$$CDS_CHROMIUM" ] || \
+		{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+# Refresh the README's screenshots of the demo EHR page and the review dashboard (docs/*.png).
+screenshots: install-test
+	CDS_SCREENSHOTS=docs $(BIN)/python -m pytest tests/test_browser.py -q -k pregnant
 
 run: install
 	CDS_ENV=$${CDS_ENV:-dev} CDS_LOG_FORMAT=$${CDS_LOG_FORMAT:-text} HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m cds

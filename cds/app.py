@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from . import BUILD, COMPILED, __version__, metrics
+from . import BUILD, COMPILED, __version__, dashboard, demo, metrics
 from .audit import AuditWriter, prune_forever
 from .errors import (
     CDSError,
@@ -147,7 +147,10 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     if problems:
         raise ConfigError("; ".join(problems))
     set_text_limit(settings.max_text_chars)
-    kb = load_knowledge(settings.knowledge_dir, env=settings.env)
+    kb = load_knowledge(settings.knowledge_dir, env=settings.env).with_overrides(settings.silent_rules,
+                                                                                 settings.active_rules)
+    if kb.silent:
+        log.warning("silent mode: rules %s are computed and recorded, not shown", ", ".join(sorted(kb.silent)))
     discovery = discovery_document(kb)
     screening = Screening(kb, settings, pseudonym_key(settings))
 
@@ -228,6 +231,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     latency = {hook: metrics.REQUEST_LATENCY.labels(hook=hook) for hook in SERVED_HOOKS}
     card_counters = {(rule.id, level): metrics.CARDS.labels(topic=rule.id, indicator=level)
                      for rule in kb.rules for level in ("info", "warning", "critical")}
+    silent_counters = {(rule.id, level): metrics.SILENT_CARDS.labels(topic=rule.id, indicator=level)
+                       for rule in kb.rules if rule.id in kb.silent for level in ("info", "warning", "critical")}
 
     memory = (AnsweredCards(kb, timedelta(hours=settings.answered_card_memory_hours),
                             settings.answered_card_refresh_s) if settings.answered_card_memory_hours else None)
@@ -244,7 +249,8 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         body = validate_request(await read_json(request, settings.max_body_bytes, settings.http_body_timeout_s),
                                 served)
         try:
-            cards, patient, keys = await screening.screen_keyed(body, request.app.state.fhir_http, base_url(request))
+            cards, silent, patient, keys = await screening.screen_keyed(body, request.app.state.fhir_http,
+                                                                        base_url(request))
         except DataUnavailable as exc:
             log.warning("hook refused: %s", exc.message, extra={"hookInstance": body["hookInstance"],
                                                                  "hook": body["hook"], "status": 412})
@@ -258,8 +264,13 @@ def create_app(settings: Settings | None = None) -> CDSApp:
             card_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
         if cards:  # queued for the audit store; the answer never waits for the database
             request.app.state.audit.submit(screening.issued(body, cards, patient, keys))
+        if silent:  # silent mode: recorded and counted, not returned
+            for c in silent:
+                silent_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
+            request.app.state.audit.submit(screening.issued(body, silent, patient, silent=True))
         log.info("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
-                                         "patient": patient, "cards": len(cards), "ms": round(elapsed * 1000, 1)})
+                                         "patient": patient, "cards": len(cards), "silent": len(silent),
+                                         "ms": round(elapsed * 1000, 1)})
         return FhirJSON({"cards": cards})  # render.card never emits null or empty values (tests check every response)
 
     app.add_route("/cds-services/{service_id}", call_service, methods=["POST"])
@@ -303,15 +314,21 @@ def create_app(settings: Settings | None = None) -> CDSApp:
     @app.get("/feedback/summary")
     async def feedback_summary(request: Request, claims: Client) -> Response:
         try:
+            await request.app.state.audit.flush()  # the cards answered a moment ago count
             summary = await request.app.state.store.summary()
         except StoreError:
             raise ServiceUnavailable("the audit store is unavailable; retry later") from None
         return FhirJSON(summary)  # not a CDS Hooks body: every rule keeps its override_reasons, even when empty
 
+    app.include_router(dashboard.router(kb, client_claims))  # /feedback/dashboard (HTML) and .csv, same queries
+    if settings.demo_enabled:  # the demo EHR page: dev mode, or CDS_DEMO=true
+        app.include_router(demo.router(kb, settings.demo_patients_dir))
+
     @app.get("/knowledge", response_class=HTMLResponse)
     async def knowledge_index(request: Request) -> HTMLResponse:
         items = "".join(f'<li><a href="{base_url(request)}/knowledge/{r.id}">{html.escape(r.title)}</a> '
-                        f"(rule v{r.version}, {r.indicator})</li>" for r in kb.rules)
+                        f"(rule v{r.version}, {r.indicator}{', silent' if r.id in kb.silent else ''})</li>"
+                        for r in kb.rules)
         return HTMLResponse(_page(kb.service.source_label,
                                   f"<p>{html.escape(kb.service.description)}</p><ul>{items}</ul>"))
 
@@ -321,7 +338,7 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         if rule is None:
             raise ServiceNotFound(f"no rule {rule_id!r}")
         e = html.escape
-        body = (f"<p>Rule <code>{e(rule.id)}</code>, version {rule.version}, status {e(rule.status)}, "
+        body = (f"<p>Rule <code>{e(rule.id)}</code>, version {rule.version}, status {e(kb.status(rule))}, "
                 f"indicator {e(rule.indicator)}.</p>"
                 + (f"<p><em>Extension beyond the source articles:</em> {e(rule.extension)}</p>" if rule.extension
                    else "")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import KnowledgeError
+from .errors import ConfigError, KnowledgeError
 from .fhirjson import ICD10CM
 from .matching import (
     Match,
@@ -87,9 +87,35 @@ class KnowledgeBase:
     by_id: dict[str, Rule] = field(default_factory=dict)
     ingredient_memo: dict[tuple[Any, ...], frozenset[str]] = field(default_factory=dict)
     derived: dict[str, Any] = field(default_factory=dict)  # built from the rules on first use (rules, render)
+    silent: frozenset[str] = frozenset()  # rules computed, recorded and counted, never returned (silent mode)
 
     def vs(self, name: str) -> ValueSet:
         return self.valuesets[name]
+
+    def status(self, rule: Rule) -> str:
+        """The rule's status in this deployment: `silent` or `active` after the settings' overrides."""
+        if rule.id in self.silent:
+            return "silent"
+        return "active" if rule.status == "silent" else rule.status
+
+    def without(self, ids: Iterable[str]) -> KnowledgeBase:
+        """The same knowledge with some rules left out (what clinicians see while those rules run silent)."""
+        gone = set(ids)
+        rules = [r for r in self.rules if r.id not in gone]
+        return replace(self, rules=rules, by_id={r.id: r for r in rules}, derived={}, silent=frozenset())
+
+    def with_overrides(self, silent: Iterable[str] = (), active: Iterable[str] = ()) -> KnowledgeBase:
+        """Apply a deployment's silent-mode settings (CDS_SILENT_RULES, CDS_ACTIVE_RULES); ConfigError on an
+        unknown rule id or a rule named in both."""
+        silent, active = set(silent), set(active)
+        unknown = sorted((silent | active) - set(self.by_id))
+        if unknown:
+            raise ConfigError(f"CDS_SILENT_RULES/CDS_ACTIVE_RULES name unknown rule(s): {', '.join(unknown)}")
+        both = sorted(silent & active)
+        if both:
+            raise ConfigError(f"rule(s) both silent and active in the settings: {', '.join(both)}")
+        self.silent = frozenset((self.silent | silent) - active)
+        return self
 
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -212,6 +238,7 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
         override_reasons=reasons,
         index=index,
         by_id=by_id,
+        silent=frozenset(r.id for r in rules if r.status == "silent"),
     )
     return kb
 

@@ -41,6 +41,9 @@ REQUEST_LATENCY = Histogram(
 CARDS = Counter(
     "cds_cards_total", "Cards returned, by rule topic and indicator.",
     ["topic", "indicator"], registry=REGISTRY)
+SILENT_CARDS = Counter(
+    "cds_silent_cards_total", "Cards computed and recorded but not returned (rules in silent mode), by rule topic "
+    "and indicator.", ["topic", "indicator"], registry=REGISTRY)
 PREFETCH = Counter(
     "cds_prefetch_total",
     "Data needed for a request, by source: prefetch (sent by the client), fetched (from the FHIR server), "

@@ -304,7 +304,7 @@ class SuggestionSpec(Strict):
 class Rule(Strict):
     id: str
     version: int = Field(ge=1)
-    status: Literal["active", "draft", "retired"]
+    status: Literal["active", "silent", "draft", "retired"]  # silent: computed, recorded, not shown
     title: str
     indicator: Indicator
     extension: str | None = None

@@ -43,19 +43,27 @@ class Screening:
         self.settings = settings
         self.patient_key = patient_key
         self.prefetch_counters = {o: metrics.PREFETCH.labels(outcome=o) for o in ("prefetch", "fetched", "unavailable")}
+        # Silent mode: what clinicians see is what the shown rules give on their own, as if the silent ones did not
+        # exist (a silent rule must not suppress a shown one); evaluated a second time only when that can differ.
+        self.silent = kb.silent
+        self.shown_kb = kb.without(kb.silent) if kb.silent else kb
+        self.depend_on_silent = any(set(r.suppressed_by + r.excludes_evidence_of) & kb.silent for r in kb.rules
+                                    if r.id not in kb.silent)
 
     def relevant(self, concept: Coded) -> bool:
         """Does any rule look at this concept? Records of concepts no rule reads are skipped early."""
         return bool(self.kb.index.hits(concept))
 
-    async def screen(self, body: dict[str, Any], http: Any, base: str) -> tuple[list[dict[str, Any]], str]:
-        """The cards for a validated hook request, and the patient's pseudonym (for the log and the audit)."""
-        cards, patient, _ = await self.screen_keyed(body, http, base)
-        return cards, patient
+    async def screen(self, body: dict[str, Any], http: Any,
+                     base: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+        """The cards for a validated hook request, the silent rules' cards (recorded, not returned) and the
+        patient's pseudonym (for the log and the audit)."""
+        cards, silent, patient, _ = await self.screen_keyed(body, http, base)
+        return cards, silent, patient
 
     async def screen_keyed(self, body: dict[str, Any], http: Any,
-                           base: str) -> tuple[list[dict[str, Any]], str, list[str]]:
-        """`screen`, with each card's repeat key: the same patient, rule, orders or appointments and evidence
+                           base: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str, list[str]]:
+        """`screen`, with each shown card's repeat key: the same patient, rule, orders or appointments and evidence
         give the same key at every hook, so an answered card can be recognised when it would show again."""
         context = body["context"]
         hook = body["hook"]
@@ -83,15 +91,22 @@ class Screening:
                                          self.settings.planned_lookahead_days)
             draft_ids = {o.ref for o in orders} | {o.based_on for o in orders if o.based_on}
         if not orders:
-            return [], patient, []
+            return [], [], patient, []
         gathered = await self._gather(body, http, TEMPLATES)
         if gathered.unavailable:
             log.warning("FHIR data not obtained", extra={"hookInstance": body["hookInstance"],
                                                         "reasons": gathered.unavailable})  # no PHI in reasons
         record = build_record(gathered, context["patientId"], draft_ids, self.relevant)
         findings = evaluate(self.kb, record, orders, today, self.settings)
-        cards = [card(f, orders, self.kb, base, record.patient.id, hook=hook) for f in findings]
-        return cards, patient, [repeat_key(patient, f, orders) for f in findings]
+        pid = record.patient.id
+        quiet = [f for f in findings if f.rule.id in self.silent] if self.silent else []
+        if quiet and self.depend_on_silent:  # a silent rule never hides a shown one: evaluate without it
+            shown = evaluate(self.shown_kb, record, orders, today, self.settings)
+        else:
+            shown = [f for f in findings if f.rule.id not in self.silent] if self.silent else findings
+        return ([card(f, orders, self.kb, base, pid, hook=hook) for f in shown],
+                [card(f, orders, self.kb, base, pid, hook=hook) for f in quiet], patient,
+                [repeat_key(patient, f, orders) for f in shown])
 
     async def _gather(self, body: dict[str, Any], http: Any, templates: tuple[Template, ...]) -> Gathered:
         gathered = await gather(body, self.settings, http, templates)
@@ -105,8 +120,8 @@ class Screening:
         return gathered
 
     def issued(self, body: dict[str, Any], cards: list[dict[str, Any]], patient: str,
-               keys: list[str] | None = None) -> list[IssuedCard]:
-        """The audit store's rows for the cards of one answer."""
+               keys: list[str] | None = None, silent: bool = False) -> list[IssuedCard]:
+        """The audit store's rows for the cards of one answer (or its silent cards, with no repeat keys)."""
         now = datetime.now(UTC)
         hook, instance = body["hook"], body["hookInstance"]
         out = []
@@ -116,7 +131,7 @@ class Screening:
                 uuid=c["uuid"], rule_id=topic, rule_version=self.kb.by_id[topic].version, indicator=c["indicator"],
                 hook=hook, hook_instance=instance, patient_pseudonym=patient, issued_at=now,
                 suggestion_uuids=[s["uuid"] for s in c.get("suggestions", [])],
-                repeat_key=keys[i] if keys else None))
+                repeat_key=keys[i] if keys else None, silent=silent))
         return out
 
 

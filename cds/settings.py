@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     childbearing_age_min: int = 12
     childbearing_age_max: int = 55
 
+    # silent mode (issue 17): rule ids computed, recorded and counted but not returned, in this deployment;
+    # `active_rules` shows rules whose status in cards/ is `silent`
+    silent_rules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    active_rules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # the demo EHR page at /demo (issue 17): on in dev, off otherwise unless set
+    demo: bool | None = None
+    demo_patients_dir: Path = ROOT / "fixtures" / "synthetic"
+
     max_body_bytes: int = 1_048_576
     # HTTP limits (cds/server.py, uvicorn; deploy/README.md maps them to a reverse proxy)
     http_max_headers: int = 100
@@ -88,6 +97,11 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_servers(cls, value: Any) -> Any:
         return [s.rstrip("/") for s in _split_list(value)]
+
+    @field_validator("silent_rules", "active_rules", mode="before")
+    @classmethod
+    def _parse_rule_ids(cls, value: Any) -> Any:
+        return _split_list(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -113,6 +127,10 @@ class Settings(BaseSettings):
     @property
     def audit_spool_path(self) -> Path:
         return self.audit_spool or self.data_dir / "audit-spool.jsonl"
+
+    @property
+    def demo_enabled(self) -> bool:
+        return self.env == "dev" if self.demo is None else self.demo
 
     @property
     def loopback_fhir_allowed(self) -> bool:

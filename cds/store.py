@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +95,7 @@ class IssuedCard:
     issued_at: datetime  # timezone-aware
     suggestion_uuids: list[str] = field(default_factory=list)
     repeat_key: str | None = None  # what makes it "the same card" for the answered-card memory (issue 16)
+    silent: bool = False  # silent mode: computed and recorded, not returned to the EHR
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ issued_cards = sa.Table(
     sa.Column("issued_at", UTCDateTime, nullable=False),
     sa.Column("suggestion_uuids", sa.Text, nullable=False),
     sa.Column("repeat_key", sa.Text),
+    sa.Column("silent", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 feedback = sa.Table(
     "feedback", metadata,
@@ -283,7 +285,8 @@ class Store:
             row = {"uuid": c.uuid, "rule_id": c.rule_id, "rule_version": int(c.rule_version),
                    "indicator": c.indicator, "hook": c.hook, "hook_instance": c.hook_instance,
                    "patient_pseudonym": c.patient_pseudonym, "issued_at": issued_at,
-                   "suggestion_uuids": orjson.dumps(list(c.suggestion_uuids)).decode(), "repeat_key": c.repeat_key}
+                   "suggestion_uuids": orjson.dumps(list(c.suggestion_uuids)).decode(), "repeat_key": c.repeat_key,
+                   "silent": bool(c.silent)}
             rows.append(tuple(row[name] for name in self._card_columns))
         if self._card_writer is not None:
             async with self._guard("record_cards"):
@@ -396,21 +399,23 @@ class Store:
 
     # ---- reads
 
-    async def summary(self) -> dict[str, Any]:
-        """Per rule and version: cards issued, feedback accepted/overridden and override reason counts."""
+    async def summary(self, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+        """Per rule and version: cards issued (returned), silent (recorded, not returned), feedback accepted and
+        overridden, and override reason counts; over the cards issued in [since, until) when given."""
         c, f = issued_cards, feedback
         joined = f.join(c, f.c.card_uuid == c.c.uuid)
+        period = _period(since, until, self._dialect)
         async with self._read("summary") as conn:
             issued = (await conn.execute(
-                sa.select(c.c.rule_id, c.c.rule_version, sa.func.count())
-                .group_by(c.c.rule_id, c.c.rule_version))).all()
+                sa.select(c.c.rule_id, c.c.rule_version, c.c.silent, sa.func.count()).where(*period)
+                .group_by(c.c.rule_id, c.c.rule_version, c.c.silent))).all()
             outcomes = (await conn.execute(
                 sa.select(c.c.rule_id, c.c.rule_version, f.c.outcome, sa.func.count()).select_from(joined)
-                .group_by(c.c.rule_id, c.c.rule_version, f.c.outcome))).all()
+                .where(*period).group_by(c.c.rule_id, c.c.rule_version, f.c.outcome))).all()
             reasons = (await conn.execute(
                 sa.select(c.c.rule_id, c.c.rule_version, f.c.override_reason_code, sa.func.count())
                 .select_from(joined)
-                .where(f.c.outcome == "overridden", f.c.override_reason_code.is_not(None))
+                .where(f.c.outcome == "overridden", f.c.override_reason_code.is_not(None), *period)
                 .group_by(c.c.rule_id, c.c.rule_version, f.c.override_reason_code))).all()
             suppressed = (await conn.execute(
                 sa.select(suppressed_cards.c.rule_id, suppressed_cards.c.rule_version, sa.func.count())
@@ -419,12 +424,12 @@ class Store:
         rules: dict[tuple[str, int], dict[str, Any]] = {}
 
         def entry(rule: str, version: int) -> dict[str, Any]:
-            return rules.setdefault((rule, version), {"rule": rule, "version": str(version), "issued": 0,
+            return rules.setdefault((rule, version), {"rule": rule, "version": str(version), "issued": 0, "silent": 0,
                                                       "accepted": 0, "overridden": 0, "override_reasons": {},
                                                       "suppressed": 0})
 
-        for rule, version, count in issued:
-            entry(rule, version)["issued"] = int(count)
+        for rule, version, silent, count in issued:
+            entry(rule, version)["silent" if silent else "issued"] += int(count)
         for rule, version, outcome, count in outcomes:
             entry(rule, version)[outcome] = int(count)
         for rule, version, code, count in sorted(reasons, key=lambda r: (-r[3], r[2])):
@@ -432,6 +437,35 @@ class Store:
         for rule, version, count in suppressed:  # answered cards not shown again at a later hook
             entry(rule, version)["suppressed"] = int(count)
         return {"rules": [rules[k] for k in sorted(rules)]}
+
+    async def weekly(self, since: datetime | None = None, until: datetime | None = None,
+                     rule: str | None = None) -> list[dict[str, Any]]:
+        """Per ISO week (Monday, UTC) of issue: cards issued, silent, accepted and overridden (one rule or all)."""
+        c, f = issued_cards, feedback
+        if self._dialect == "postgresql":
+            day: Any = sa.cast(sa.func.timezone("UTC", c.c.issued_at), sa.Date)
+        else:
+            day = sa.func.date(c.c.issued_at)  # stored as UTC text
+        where = [*_period(since, until, self._dialect)] + ([c.c.rule_id == rule] if rule else [])
+        async with self._read("summary") as conn:
+            issued = (await conn.execute(
+                sa.select(day, c.c.silent, sa.func.count()).where(*where).group_by(day, c.c.silent))).all()
+            outcomes = (await conn.execute(
+                sa.select(day, f.c.outcome, sa.func.count()).select_from(f.join(c, f.c.card_uuid == c.c.uuid))
+                .where(*where).group_by(day, f.c.outcome))).all()
+        weeks: dict[date, dict[str, Any]] = {}
+
+        def week(value: Any) -> dict[str, Any]:
+            d = value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+            monday = d - timedelta(days=d.weekday())
+            return weeks.setdefault(monday, {"week": monday.isoformat(), "issued": 0, "silent": 0, "accepted": 0,
+                                             "overridden": 0})
+
+        for d, silent, count in issued:
+            week(d)["silent" if silent else "issued"] += int(count)
+        for d, outcome, count in outcomes:
+            week(d)[outcome] += int(count)
+        return [weeks[k] for k in sorted(weeks)]
 
     # ---- plumbing
 
@@ -484,12 +518,32 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def _period(since: datetime | None, until: datetime | None, dialect: str) -> list[Any]:
+    """Conditions on the card's issue time: since <= issued_at < until.
+
+    SQLite keeps the time as text, with or without a fraction of a second depending on the writer, so there
+    both sides are normalised by SQLite's datetime() (whole seconds) instead of compared as strings.
+    """
+    out = []
+    column: Any = issued_cards.c.issued_at
+    for bound, lower in ((since, True), (until, False)):
+        if bound is None:
+            continue
+        value: Any = _utc(bound)
+        if dialect == "sqlite":
+            column = sa.func.datetime(issued_cards.c.issued_at)
+            value = sa.func.datetime(sa.literal(value.replace(tzinfo=None).isoformat(sep=" "), sa.Text))
+        out.append(column >= value if lower else column < value)
+    return out
+
+
 async def _existing_cards(conn: AsyncConnection, uuids: Iterable[str]) -> set[str]:
     wanted = sorted(set(uuids))
     found: set[str] = set()
     for i in range(0, len(wanted), _IN_CHUNK):
         chunk = wanted[i:i + _IN_CHUNK]
-        result = await conn.execute(sa.select(issued_cards.c.uuid).where(issued_cards.c.uuid.in_(chunk)))
+        result = await conn.execute(sa.select(issued_cards.c.uuid).where(  # a silent card was never shown
+            issued_cards.c.uuid.in_(chunk), issued_cards.c.silent.is_(sa.false())))
         found.update(result.scalars())
     return found
 

@@ -88,9 +88,11 @@ def test_feedback_is_counted_once_and_survives_a_restart(audited: Service) -> No
     audited.stop()
     audited.start()
     rules = summary(audited)
-    assert rules["pregnancy"] == {"rule": "pregnancy", "version": "2", "issued": 3, "accepted": 1, "overridden": 2,
+    assert rules["pregnancy"] == {"rule": "pregnancy", "version": "2", "issued": 3, "silent": 0,
+                                  "accepted": 1, "overridden": 2,
                                   "override_reasons": {"negative-pregnancy-test": 2}, "suppressed": 0}
-    assert rules["allergy-history"] == {"rule": "allergy-history", "version": "2", "issued": 3, "accepted": 0,
+    assert rules["allergy-history"] == {"rule": "allergy-history", "version": "2", "issued": 3, "silent": 0,
+                                        "accepted": 0,
                                         "overridden": 2, "override_reasons": {"allergy-tested": 1}, "suppressed": 0}
 
 

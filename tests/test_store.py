@@ -105,11 +105,11 @@ def test_record_and_summary_counts_exact(db_url: str) -> None:
             ])
             assert new == 8
             assert await store.summary() == {"rules": [
-                {"rule": "bleeding-risk", "version": "1", "issued": 3, "accepted": 0, "overridden": 1,
+                {"rule": "bleeding-risk", "version": "1", "issued": 3, "silent": 0, "accepted": 0, "overridden": 1,
                  "override_reasons": {"benefit-outweighs-risk": 1}, "suppressed": 0},
-                {"rule": "pregnancy", "version": "2", "issued": 2, "accepted": 0, "overridden": 1,
+                {"rule": "pregnancy", "version": "2", "issued": 2, "silent": 0, "accepted": 0, "overridden": 1,
                  "override_reasons": {}, "suppressed": 0},
-                {"rule": "pregnancy", "version": "3", "issued": 5, "accepted": 3, "overridden": 3,
+                {"rule": "pregnancy", "version": "3", "issued": 5, "silent": 0, "accepted": 3, "overridden": 3,
                  "override_reasons": {"negative-pregnancy-test": 2, "not-pregnant-confirmed": 1}, "suppressed": 0},
             ]}
             async with store._engine.connect() as conn:
@@ -216,7 +216,8 @@ def test_duplicate_feedback_is_stored_once(db_url: str) -> None:
             ]) == 4
             assert await count_rows(store, feedback) == 6
             rules = (await store.summary())["rules"]
-            assert rules == [{"rule": "pregnancy", "version": "3", "issued": 2, "accepted": 3, "overridden": 3,
+            assert rules == [{"rule": "pregnancy", "version": "3", "issued": 2, "silent": 0,
+                              "accepted": 3, "overridden": 3,
                               "override_reasons": {"r1": 1, "r2": 1}, "suppressed": 0}]
 
     run(scenario())
@@ -307,7 +308,8 @@ def test_killed_process_loses_no_committed_write(db_url: str) -> None:
     async def check() -> None:
         async with await Store.open(db_url) as store:
             rules = (await store.summary())["rules"]
-            assert rules == [{"rule": "pregnancy", "version": "3", "issued": 50, "accepted": 50, "overridden": 0,
+            assert rules == [{"rule": "pregnancy", "version": "3", "issued": 50, "silent": 0,
+                              "accepted": 50, "overridden": 0,
                               "override_reasons": {}, "suppressed": 0}]
             assert await store.claim_jti("killed-jti", time.time() + 600) is False
 
@@ -400,12 +402,12 @@ def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None
     per_rule = n_cards // 2
     reasons = {f"r{m}": per_rule * sum(1 for w in range(workers) if w % 3 == m) for m in range(3)}
     assert run(check()) == {"rules": [
-        {"rule": "bleeding-risk", "version": "1", "issued": per_rule, "accepted": per_rule,
-         "overridden": per_rule * workers, "override_reasons": reasons, "suppressed": 0},
-        {"rule": "concurrency", "version": "1", "issued": 10 * workers, "accepted": 0, "overridden": 0,
+        {"rule": "bleeding-risk", "version": "1", "issued": per_rule, "silent": 0, "accepted": per_rule,
+         "overridden": per_rule * workers, "override_reasons": reasons},
+        {"rule": "concurrency", "version": "1", "issued": 10 * workers, "silent": 0, "accepted": 0, "overridden": 0,
          "override_reasons": {}, "suppressed": 0},
-        {"rule": "pregnancy", "version": "3", "issued": per_rule, "accepted": per_rule,
-         "overridden": per_rule * workers, "override_reasons": reasons, "suppressed": 0},
+        {"rule": "pregnancy", "version": "3", "issued": per_rule, "silent": 0, "accepted": per_rule,
+         "overridden": per_rule * workers, "override_reasons": reasons},
     ]}
 
 
@@ -446,7 +448,7 @@ def test_migrations_upgrade_an_old_schema(db_url: str) -> None:
         async with await Store.open(db_url) as store:  # an ordinary start upgrades it
             assert await store.schema_version() == migrations.LATEST
             assert await store.summary() == {"rules": [
-                {"rule": "pregnancy", "version": "2", "issued": 3, "accepted": 0, "overridden": 1,
+                {"rule": "pregnancy", "version": "2", "issued": 3, "silent": 0, "accepted": 0, "overridden": 1,
                  "override_reasons": {"negative-pregnancy-test": 1}, "suppressed": 0}]}
             async with store._engine.connect() as conn:
                 received = (await conn.execute(sa.select(feedback.c.received_at))).scalar_one()
