@@ -266,16 +266,20 @@ def _plain(markdown: str) -> str:
 
 
 def evidence_lines(card: dict[str, Any]) -> list[str]:
-    """The card's "What was found" bullets, as plain text."""
-    lines = card.get("detail", "").splitlines()
+    """The card's "Found" lines, as plain text, and its last line of record references."""
     out, inside = [], False
-    for line in lines:
-        if line.startswith("**What was found**"):
+    for line in card.get("detail", "").splitlines():
+        if line.startswith("**Found:**"):
             inside = True
+            rest = line[len("**Found:**"):].strip()
+            if rest:
+                out.append(_plain(rest))
         elif inside and line.startswith("- "):
             out.append(_plain(line[2:]))
         elif inside and not line.strip():
-            break
+            inside = False
+        elif line.startswith("_Records:"):
+            out.append(_plain(line.strip("_")))
     return out
 
 

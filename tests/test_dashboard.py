@@ -69,7 +69,7 @@ def test_weekly_counts_and_period(db_url: str) -> None:
             second_week = await store.summary(MONDAY + timedelta(days=7), MONDAY + timedelta(days=14))
             assert second_week == {"rules": [
                 {"rule": "pregnancy", "version": "1", "issued": 1, "silent": 1, "accepted": 0, "overridden": 1,
-                 "override_reasons": {"negative-pregnancy-test": 1}}]}
+                 "override_reasons": {"negative-pregnancy-test": 1}, "suppressed": 0}]}
             assert (await store.summary(until=MONDAY))["rules"] == []
     asyncio.run(scenario())
 

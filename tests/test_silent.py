@@ -47,7 +47,7 @@ def test_a_rule_silenced_by_setting_is_recorded_and_counted_not_returned(tmp_pat
             assert topics(httpx.post(svc.base_url + SERVICE, json=request, timeout=10)) == {"pregnancy": "critical"}
         rules = summary(svc)  # the summary first writes the cards still queued for the audit store
         assert rules["allergy-history"] == {"rule": "allergy-history", "version": "2", "issued": 0, "silent": 3,
-                                            "accepted": 0, "overridden": 0, "override_reasons": {}}
+                                            "accepted": 0, "overridden": 0, "override_reasons": {}, "suppressed": 0}
         assert rules["pregnancy"]["issued"] == 3 and rules["pregnancy"]["silent"] == 0
         metric = samples(svc)
         allergy = (("indicator", "warning"), ("topic", "allergy-history"))

@@ -403,11 +403,11 @@ def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None
     reasons = {f"r{m}": per_rule * sum(1 for w in range(workers) if w % 3 == m) for m in range(3)}
     assert run(check()) == {"rules": [
         {"rule": "bleeding-risk", "version": "1", "issued": per_rule, "silent": 0, "accepted": per_rule,
-         "overridden": per_rule * workers, "override_reasons": reasons},
+         "overridden": per_rule * workers, "override_reasons": reasons, "suppressed": 0},
         {"rule": "concurrency", "version": "1", "issued": 10 * workers, "silent": 0, "accepted": 0, "overridden": 0,
          "override_reasons": {}, "suppressed": 0},
         {"rule": "pregnancy", "version": "3", "issued": per_rule, "silent": 0, "accepted": per_rule,
-         "overridden": per_rule * workers, "override_reasons": reasons},
+         "overridden": per_rule * workers, "override_reasons": reasons, "suppressed": 0},
     ]}
 
 

@@ -224,6 +224,7 @@ def test_cors_is_off_by_default_and_opens_for_named_origins(service: Service) ->
         assert "authorization" in opened.headers["access-control-allow-headers"].lower()
         # with CORS on, hooks go through the router and its middleware (not the fast path): same cards, with CORS
         request = load_fixture("requests/order-select-example.json")
+        request["context"]["patientId"] = f"cors-{uuid.uuid4().hex[:12]}"  # no card answered on the shared service
         via_router = httpx.post(svc.base_url + SERVICE, json=request, headers={"Origin": preflight["Origin"]})
         assert via_router.headers["access-control-allow-origin"] == "https://sandbox.cds-hooks.org"
         fast = httpx.post(service.base_url + SERVICE, json=request, headers={"Origin": preflight["Origin"]})
