@@ -212,6 +212,29 @@ def test_chart_opened_then_an_appointment_booked_for_a_pregnant_patient(page: Pa
         expect(page.locator('#appointments li[data-status="booked"]')).to_have_count(1)
 
 
+def test_a_pasted_chart_with_a_booked_mesotherapy_shows_the_card_at_patient_view(page: Page, tmp_path: Path) -> None:
+    bundle = json.loads((ROOT / "fixtures" / "synthetic" / "synthea-pregnant.json").read_text())
+    [patient] = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    day = (datetime.now(UTC) + timedelta(days=10)).date().isoformat()
+    booked = {"resourceType": "Appointment", "id": "apt-booked", "status": "booked", "description": "Mesotherapy, face",
+              "start": f"{day}T10:00:00Z", "participant": [{"actor": {"reference": f"Patient/{patient['id']}"},
+                                                            "status": "accepted"}]}
+    cancelled = {**booked, "id": "apt-cancelled", "status": "cancelled"}
+    bundle["entry"] += [{"resource": booked}, {"resource": cancelled}]
+    with Service({"CDS_ENV": "dev", "CDS_DATA_DIR": str(tmp_path)}) as svc:
+        page.goto(svc.base_url + "/demo")
+        page.locator("#paste summary").click()
+        page.fill("#bundle-text", json.dumps(bundle))
+        page.click("#bundle-load")
+        expect(page.locator("#cds-hook")).to_contain_text("patient-view, HTTP 200")
+        critical = page.locator('.card[data-topic="pregnancy"][data-indicator="critical"]')
+        expect(critical).to_be_visible()
+        request = json.loads(dev(page, "request"))
+        assert [e["resource"]["id"] for e in request["prefetch"]["appointments"]["entry"]] == ["apt-booked"]
+        assert request["prefetch"]["plannedOrders"]["total"] == 0
+        assert critical.locator("button.suggestion", has_text="Remove").count() == 0  # no draft to change
+
+
 def test_the_demo_is_off_unless_enabled(tmp_path: Path) -> None:
     with Service({"CDS_ENV": "dev", "CDS_DEMO": "false", "CDS_DATA_DIR": str(tmp_path)}) as svc:
         assert httpx.get(svc.base_url + "/demo").status_code == 404
