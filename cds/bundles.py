@@ -97,6 +97,20 @@ def prefetch(bundle: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return pid, {"patient": patient, **{k: _searchset(v) for k, v in lists.items()}}
 
 
+PLANNED_STATUS = {"ServiceRequest": ("active", "draft"), "Appointment": ("proposed", "pending", "booked")}
+
+
+def planned(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The prefetch keys of what is planned (patient-view, appointment-book): the Bundle's ServiceRequests and
+    Appointments of the statuses the discovery templates search for; an empty searchset when nothing is planned."""
+    found: dict[str, list[dict[str, Any]]] = {"ServiceRequest": [], "Appointment": []}
+    for r in resources(bundle):
+        kind = r["resourceType"]
+        if kind in PLANNED_STATUS and r.get("status") in PLANNED_STATUS[kind]:
+            found[kind].append(r)
+    return {"plannedOrders": _searchset(found["ServiceRequest"]), "appointments": _searchset(found["Appointment"])}
+
+
 def draft_order(kb: KnowledgeBase, patient_id: str, orderable: str, products: list[str]) -> dict[str, Any]:
     """A draft mesotherapy ServiceRequest for one of cards/orderables.yaml's codes, with products as details."""
     found = next((o for o in kb.orderables.orderables if o.code == orderable), None)

@@ -8,6 +8,7 @@ that is not FHIR, unknown options, invalid knowledge): one line on stderr, never
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import re
@@ -283,8 +284,65 @@ def evidence_lines(card: dict[str, Any]) -> list[str]:
     return out
 
 
-def _files(directory: Path) -> Iterator[Path]:
-    yield from sorted(p for p in directory.rglob("*.json") if p.is_file())
+def _files(directory: Path) -> list[Path]:
+    """The patient files under DIRECTORY: Bundles (*.json) and population files (*.jsonl.gz)."""
+    found = [p for pattern in ("*.json", "*.jsonl.gz") for p in directory.rglob(pattern) if p.is_file()]
+    return sorted(found)
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        yield from f
+
+
+def _count(path: Path) -> int:
+    """The number of patients in a file (lines of a *.jsonl.gz; 0 when it cannot be read: skipped later)."""
+    if not path.name.endswith(".jsonl.gz"):
+        return 1
+    try:
+        return sum(1 for line in _lines(path) if line.strip())
+    except (OSError, EOFError, UnicodeDecodeError):
+        return 0
+
+
+def _patients(path: Path) -> Iterator[tuple[str, dict[str, Any] | NotFhir]]:
+    """(name, patient Bundle or the reason it is not one) for each patient of a file.
+
+    A *.json file is one Bundle; each line of a *.jsonl.gz file (the committed population's format) is
+    {"patient": id, "resources": [FHIR resources]}, made into a Bundle of those resources.
+    """
+    if not path.name.endswith(".jsonl.gz"):
+        try:
+            kind, doc = bundles.classify(bundles.read_json(path), str(path))
+        except NotFhir as exc:
+            yield path.stem, exc
+            return
+        yield path.stem, doc if kind == "bundle" else NotFhir(f"{path}: a hook request, not a patient Bundle")
+        return
+    n = 0
+    try:
+        for n, line in enumerate(_lines(path), 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                entry = json.loads(line)
+            except ValueError as exc:
+                yield where, NotFhir(f"{where}: not JSON ({exc})")
+                continue
+            found = entry.get("resources") if isinstance(entry, dict) else None
+            if not isinstance(found, list):
+                yield where, NotFhir(f'{where}: not {{"patient": id, "resources": [...]}}')
+                continue
+            bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in found]}
+            try:
+                _, doc = bundles.classify(bundle, where)
+            except NotFhir as exc:
+                yield where, exc
+                continue
+            yield str(entry.get("patient") or where), doc
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        yield f"{path} line {n + 1}", NotFhir(f"{path}: cannot read the file after line {n} ({type(exc).__name__})")
 
 
 @main.command()
@@ -294,19 +352,21 @@ def _files(directory: Path) -> Iterator[Path]:
 @click.option("--samples", default=2, show_default=True, help="example patients shown per topic")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
 def population(directory: Path, orderable: str, products: tuple[str, ...], samples: int, fmt: str) -> None:
-    """Run the rules over every patient Bundle (*.json) in DIRECTORY: the alert burden before go-live.
+    """Run the rules over every patient in DIRECTORY: the alert burden before go-live.
 
-    Prints, per topic and indicator, how many patients would get a card (silent rules included and marked), and
-    a sample of why. Files that are not a patient Bundle are skipped and counted.
+    Reads patient Bundles (*.json) and the committed population's files (*.jsonl.gz, one patient a line:
+    {"patient": id, "resources": [...]}). Prints, per topic and indicator, how many patients would get a card
+    (silent rules included and marked), and a sample of why. Files or lines that are not a patient are skipped
+    and counted.
     """
     if not directory.is_dir():
         fail(f"{directory}: no such directory")
     settings = _settings()
     kb = _knowledge(settings)
     local = Local(settings, kb)
-    files = list(_files(directory))
+    files = _files(directory)
     if not files:
-        fail(f"{directory}: no *.json files")
+        fail(f"{directory}: no *.json or *.jsonl.gz files")
     err = Console(stderr=True)
     counts: Counter[tuple[str, str]] = Counter()
     any_card: Counter[str] = Counter()
@@ -316,45 +376,48 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
     screened = 0
 
     async def run_all(progress: Progress, task: Any) -> None:
-        nonlocal screened, deceased
         for path in files:
             progress.update(task, description=path.name[:40])
-            try:
-                kind, doc = bundles.classify(bundles.read_json(path), str(path))
-                if kind != "bundle":
-                    raise NotFhir(f"{path}: a hook request, not a patient Bundle")
-                body = bundles.hook_request(kb, doc, orderable=orderable, products=list(products))
-                patient = body["prefetch"]["patient"]
-                if patient.get("deceasedBoolean") is True or patient.get("deceasedDateTime"):
-                    deceased += 1  # nobody orders mesotherapy for them: not part of the population
-                    progress.advance(task)
-                    continue
-                cards, silent = await local.screen(body)
-            except NotFhir as exc:
-                skipped.append(str(exc))
+            for name, doc in _patients(path):
+                await one(name, doc, progress, task)
+
+    async def one(name: str, doc: dict[str, Any] | NotFhir, progress: Progress, task: Any) -> None:
+        nonlocal screened, deceased
+        try:
+            if isinstance(doc, NotFhir):
+                raise doc
+            body = bundles.hook_request(kb, doc, orderable=orderable, products=list(products))
+            patient = body["prefetch"]["patient"]
+            if patient.get("deceasedBoolean") is True or patient.get("deceasedDateTime"):
+                deceased += 1  # nobody orders mesotherapy for them: not part of the population
                 progress.advance(task)
-                continue
-            screened += 1
-            worst = max((INDICATOR_RANK[c["indicator"]] for c in cards + silent), default=-1)
-            if worst >= 0:
-                any_card["any"] += 1
-                if worst == 2:
-                    any_card["critical"] += 1
-            for c in cards + silent:
-                topic = c["source"]["topic"]["code"]
-                counts[(topic, c["indicator"])] += 1
-                if len(why[topic]) < samples:
-                    why[topic].append((path.stem, c["indicator"], evidence_lines(c)[:2]))
+                return
+            cards, silent = await local.screen(body)
+        except NotFhir as exc:
+            skipped.append(str(exc))
             progress.advance(task)
+            return
+        screened += 1
+        worst = max((INDICATOR_RANK[c["indicator"]] for c in cards + silent), default=-1)
+        if worst >= 0:
+            any_card["any"] += 1
+            if worst == 2:
+                any_card["critical"] += 1
+        for c in cards + silent:
+            topic = c["source"]["topic"]["code"]
+            counts[(topic, c["indicator"])] += 1
+            if len(why[topic]) < samples:
+                why[topic].append((name, c["indicator"], evidence_lines(c)[:2]))
+        progress.advance(task)
 
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("patients", total=len(files))
+        task = progress.add_task("patients", total=sum(_count(p) for p in files))
         started = time.perf_counter()
         asyncio.run(run_all(progress, task))
         elapsed = time.perf_counter() - started
     if screened == 0:
-        fail(f"{directory}: no patient Bundle among {len(files)} files ({skipped[0]})")
+        fail(f"{directory}: no patient among {len(files)} files ({skipped[0] if skipped else 'only deceased'})")
 
     rows = []
     for rule in kb.rules:
@@ -379,7 +442,7 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
         click.echo(f"| a critical card | | {any_card['critical']} | {any_card['critical'] / screened:.1%} |")
         click.echo(f"\n{screened} living patients, order `{orderable}`, {elapsed:.1f} s"
                    + (f"; {deceased} deceased patients left out" if deceased else "")
-                   + (f"; {len(skipped)} files skipped (not a patient Bundle)" if skipped else ""))
+                   + (f"; {len(skipped)} skipped (not a patient Bundle)" if skipped else ""))
         return
     console = Console(highlight=False)
     table = Table(title=f"Alert burden: {screened} patients, order {orderable}")
@@ -397,7 +460,7 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
     if deceased:
         console.print(f"{deceased} deceased patients left out (nobody orders mesotherapy for them)")
     if skipped:
-        console.print(f"[yellow]{len(skipped)} files skipped[/] (not a patient Bundle), e.g. {skipped[0]}")
+        console.print(f"[yellow]{len(skipped)} skipped[/] (not a patient Bundle), e.g. {skipped[0]}")
     if why:
         console.print("\n[bold]Why (a sample per topic)[/]")
         for topic, found in why.items():

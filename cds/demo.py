@@ -2,9 +2,10 @@
 
 `GET /demo` serves a small EHR-like page (static HTML, CSS and script from `cds/static/`, no build step, no
 CDN). It lists the fixture patients (or takes a pasted FHIR Bundle), shows a short summary, and lets the user
-order mesotherapy; the page itself calls the service's hooks as an EHR does (order-select while choosing,
-order-sign on signing) with the patient's data as prefetch, renders the cards like an EHR's CDS panel, applies
-suggestions to its draft orders, posts feedback, and shows the exact request and response.
+order mesotherapy or book a mesotherapy appointment; the page itself calls the service's hooks as an EHR does
+(patient-view when the chart opens, order-select while choosing, order-sign on signing, appointment-book on
+booking) with the patient's data as prefetch, renders the cards like an EHR's CDS panel, applies
+suggestions to its draft orders and proposed appointments, posts feedback, and shows the exact request and response.
 
 On in dev mode, off otherwise unless `CDS_DEMO=true`. Outside dev the hook and feedback endpoints still require
 the EHR's JWT, which the page cannot sign: enable it only with `CDS_REQUIRE_JWT=false` on a test deployment.
@@ -26,7 +27,7 @@ from .hooks import SERVICES
 from .knowledge import KnowledgeBase
 
 # The CDS service the page calls, per hook. One place to change when discovery lists one service per hook.
-HOOK_SERVICES = {hook: sid for sid, hook in SERVICES.items() if hook in ("order-select", "order-sign")}  # one id a hook
+HOOK_SERVICES = {hook: sid for sid, hook in SERVICES.items()}  # one id a hook
 
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"demo.js": "text/javascript", "demo.css": "text/css", "markdown.js": "text/javascript"}
@@ -60,7 +61,8 @@ def router(kb: KnowledgeBase, patients_dir: Path) -> APIRouter:
 
     def described(bundle: dict[str, Any]) -> dict[str, Any]:
         patient_id, prefetch = bundles.prefetch(bundle)
-        return {"patientId": patient_id, "summary": bundles.summary(bundle), "prefetch": prefetch}
+        return {"patientId": patient_id, "summary": bundles.summary(bundle), "prefetch": prefetch,
+                "planned": bundles.planned(bundle)}
 
     @api.get("/demo", response_class=HTMLResponse, include_in_schema=False)
     @api.get("/demo/", response_class=HTMLResponse, include_in_schema=False)

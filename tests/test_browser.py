@@ -1,7 +1,8 @@
 """Issue 17 in a real browser: the demo EHR page and the review dashboard, driven in headless Chromium.
 
 The flow: order mesotherapy for a pregnant patient, see the critical card, take its "remove the order"
-suggestion and see the order gone, override another card with a reason and see it counted on the dashboard.
+suggestion and see the order gone, override another card with a reason and see it counted on the dashboard;
+open a chart (patient-view, nothing planned: no cards) and book a mesotherapy appointment (appointment-book).
 Screenshots go to CDS_SCREENSHOTS (`make screenshots` writes docs/), else to the test's temporary directory.
 """
 
@@ -154,6 +155,84 @@ def test_sign_and_a_pasted_bundle(page: Page, tmp_path: Path) -> None:
         page.click("#sign")
         expect(page.locator("#sign-status")).to_contain_text("1 order(s) signed")
         expect(page.locator("#dev-request")).to_contain_text('"hook": "order-sign"')
+
+
+def dev(page: Page, part: str) -> str:
+    """The developer panel's last request, response or URL (its text, shown or folded)."""
+    return page.locator(f"#dev-{part}").text_content() or ""
+
+
+def test_chart_opened_then_an_appointment_booked_for_a_pregnant_patient(page: Page, tmp_path: Path) -> None:
+    """patient-view when the chart opens (nothing planned: no cards), appointment-book on booking (critical)."""
+    with Service({"CDS_ENV": "dev", "CDS_DATA_DIR": str(tmp_path)}) as svc:
+        page.goto(svc.base_url + "/demo")
+        page.select_option("#patient-select", "synthea-pregnant")
+        expect(page.locator("#cds-hook")).to_contain_text("patient-view, HTTP 200")
+        expect(page.locator("#dev-url")).to_contain_text("/cds-services/mesotherapy-patient-view")
+        request = json.loads(dev(page, "request"))
+        assert request["hook"] == "patient-view" and "draftOrders" not in request["context"]
+        assert request["prefetch"]["plannedOrders"] == {"resourceType": "Bundle", "type": "searchset", "total": 0}
+        assert request["prefetch"]["appointments"] == {"resourceType": "Bundle", "type": "searchset", "total": 0}
+        assert request["prefetch"]["patient"]["resourceType"] == "Patient"
+        assert json.loads(dev(page, "response")) == {"cards": []}
+        expect(page.locator("#cards")).to_contain_text("No cards")
+
+        page.select_option("#appointment-area", "mesotherapy-scalp")
+        page.click("#book")
+        expect(page.locator("#cds-hook")).to_contain_text("appointment-book, HTTP 200")
+        critical = page.locator('.card[data-topic="pregnancy"][data-indicator="critical"]')
+        expect(critical).to_be_visible()
+        expect(critical).to_contain_text("Mesotherapy contraindicated: active pregnancy")
+        request = json.loads(dev(page, "request"))
+        assert request["hook"] == "appointment-book"
+        assert dev(page, "url").endswith("/cds-services/mesotherapy-appointment-book")
+        [entry] = request["context"]["appointments"]["entry"]
+        appointment = entry["resource"]
+        assert appointment["resourceType"] == "Appointment" and appointment["status"] == "proposed"
+        assert appointment["serviceType"][0]["coding"][0]["code"] == "mesotherapy-scalp"
+        assert "Mesotherapy" in appointment["description"] and "scalp" in appointment["description"]
+        assert "plannedOrders" in request["prefetch"]
+        response = json.loads(dev(page, "response"))
+        assert "critical" in [c["indicator"] for c in response["cards"]]
+        proposed = page.locator(f'#appointments li[data-ref="Appointment/{appointment["id"]}"]')
+        expect(proposed).to_have_attribute("data-status", "proposed")
+        expect(page.locator("#book-status")).to_contain_text("accept a suggestion or override each")
+        page.screenshot(path=str(shots(tmp_path) / "demo-appointment-book.png"), full_page=True)
+
+        critical.locator("button.suggestion", has_text="Remove the proposed mesotherapy appointment").click()
+        expect(critical.locator(".feedback-status")).to_contain_text("Accepted")
+        expect(proposed).to_have_count(0)
+        assert dev(page, "url").endswith("/cds-services/mesotherapy-appointment-book/feedback")
+
+        page.select_option("#appointment-area", "mesotherapy-scalp")  # a man with nothing to report books at once
+        page.select_option("#patient-select", "carebundle-healthy-male")
+        expect(page.locator("#cds-hook")).to_contain_text("patient-view, HTTP 200")
+        page.click("#book")
+        expect(page.locator("#book-status")).to_contain_text("1 appointment(s) booked")
+        expect(page.locator('#appointments li[data-status="booked"]')).to_have_count(1)
+
+
+def test_a_pasted_chart_with_a_booked_mesotherapy_shows_the_card_at_patient_view(page: Page, tmp_path: Path) -> None:
+    bundle = json.loads((ROOT / "fixtures" / "synthetic" / "synthea-pregnant.json").read_text())
+    [patient] = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"]
+    day = (datetime.now(UTC) + timedelta(days=10)).date().isoformat()
+    booked = {"resourceType": "Appointment", "id": "apt-booked", "status": "booked", "description": "Mesotherapy, face",
+              "start": f"{day}T10:00:00Z", "participant": [{"actor": {"reference": f"Patient/{patient['id']}"},
+                                                            "status": "accepted"}]}
+    cancelled = {**booked, "id": "apt-cancelled", "status": "cancelled"}
+    bundle["entry"] += [{"resource": booked}, {"resource": cancelled}]
+    with Service({"CDS_ENV": "dev", "CDS_DATA_DIR": str(tmp_path)}) as svc:
+        page.goto(svc.base_url + "/demo")
+        page.locator("#paste summary").click()
+        page.fill("#bundle-text", json.dumps(bundle))
+        page.click("#bundle-load")
+        expect(page.locator("#cds-hook")).to_contain_text("patient-view, HTTP 200")
+        critical = page.locator('.card[data-topic="pregnancy"][data-indicator="critical"]')
+        expect(critical).to_be_visible()
+        request = json.loads(dev(page, "request"))
+        assert [e["resource"]["id"] for e in request["prefetch"]["appointments"]["entry"]] == ["apt-booked"]
+        assert request["prefetch"]["plannedOrders"]["total"] == 0
+        assert critical.locator("button.suggestion", has_text="Remove").count() == 0  # no draft to change
 
 
 def test_the_demo_is_off_unless_enabled(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -170,6 +171,41 @@ def test_population_counts_per_topic_and_samples_why(tmp_path: Path) -> None:
     (mixed / "notes.json").write_text("not json")
     report = json.loads(cds("population", str(mixed), "--format", "json").stdout)
     assert report["patients"] == 1 and report["skipped"] == 1
+
+
+def test_population_reads_the_committed_population_format(tmp_path: Path) -> None:
+    """*.jsonl.gz, one patient a line: {"patient": id, "resources": [...]}, beside a *.json Bundle."""
+    def line(bundle_file: Path) -> dict[str, object]:
+        resources = [e["resource"] for e in json.loads(bundle_file.read_text())["entry"]]
+        [patient] = [r for r in resources if r["resourceType"] == "Patient"]
+        return {"patient": patient["id"], "resources": resources}
+
+    pregnant = line(PREGNANT)
+    healthy = {"patient": "m-1", "resources": [{"resourceType": "Patient", "id": "m-1", "gender": "male",
+                                                "birthDate": "1980-01-01"}]}
+    dead = {"patient": "dead-1", "resources": [{"resourceType": "Patient", "id": "dead-1", "gender": "female",
+                                                "birthDate": "1990-01-01", "deceasedBoolean": True}]}
+    lines = [json.dumps(pregnant), json.dumps(healthy), json.dumps(dead), "not json", json.dumps({"patient": "x"}), ""]
+    folder = tmp_path / "population"
+    folder.mkdir()
+    with gzip.open(folder / "small.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    result = cds("population", str(folder), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["patients"], report["deceased"], report["skipped"]) == (2, 1, 2)
+    rows = {(r["topic"], r["indicator"]): r["patients"] for r in report["rows"]}
+    assert rows[("pregnancy", "critical")] == 1 and report["with_critical_card"] == 1
+    assert [s["patient"] for s in report["samples"]["pregnancy"]] == [pregnant["patient"]]  # named by its id
+    text = cds("population", str(folder), "--format", "markdown")
+    assert "| `pregnancy` | critical | 1 | 50.0% |" in text.stdout
+    assert "2 living patients" in text.stdout and "1 deceased" in text.stdout and "2 skipped" in text.stdout
+
+    shutil.copy(PREGNANT, folder / "one.json")  # both formats in one folder
+    assert json.loads(cds("population", str(folder), "--format", "json").stdout)["patients"] == 3
+    (folder / "broken.jsonl.gz").write_bytes(b"not gzip")
+    broken = json.loads(cds("population", str(folder), "--format", "json").stdout)
+    assert broken["patients"] == 3 and broken["skipped"] == 3
 
 
 def test_population_of_nothing_is_exit_2(tmp_path: Path) -> None:

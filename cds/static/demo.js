@@ -4,7 +4,7 @@
   const config = JSON.parse(document.getElementById("demo-config").textContent);
   const md = window.CdsMarkdown;
   const $ = (id) => document.getElementById(id);
-  const state = { patient: null, drafts: [], seq: 0, cards: [], lastHook: null, extra: 0 };
+  const state = { patient: null, drafts: [], appointments: [], seq: 0, cards: [], lastHook: null, extra: 0 };
 
   function uuid() {
     if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
@@ -66,7 +66,7 @@
   }
 
   function setPatient(p) {
-    state.patient = p; state.drafts = []; state.cards = [];
+    state.patient = p; state.drafts = []; state.appointments = []; state.cards = [];
     const s = p.summary;
     $("patient-error").hidden = true;
     $("summary").hidden = false;
@@ -74,11 +74,12 @@
     $("summary-demo").textContent = `${s.gender || "sex not recorded"}, born ${s.birthDate || "?"} · id ${s.id}`;
     list("summary-conditions", s.conditions); list("summary-allergies", s.allergies);
     list("summary-medications", s.medications);
-    $("order-form").disabled = false;
+    $("order-form").disabled = false; $("appointment-form").disabled = false;
     $("area-select").value = "";
     for (const box of document.querySelectorAll("#products input")) box.checked = false;
-    $("sign-status").textContent = "";
-    renderDrafts(); renderCards([], null);
+    $("sign-status").textContent = ""; $("book-status").textContent = "";
+    renderDrafts(); renderAppointments(); renderCards([], null);
+    hook("patient-view"); // the chart is open: an EHR fires patient-view
   }
 
   function patientError(message) {
@@ -166,15 +167,86 @@
     $("sign-status").textContent = `${n} order(s) signed.`;
   }
 
+  // ---- appointments
+  let appointmentSeq = 0;
+
+  function inDays(n) {
+    const d = new Date(); d.setDate(d.getDate() + n);
+    return d.toISOString().slice(0, 10);
+  }
+
+  function proposedAppointment() {
+    const area = config.orderables.find((o) => o.code === $("appointment-area").value);
+    const day = $("appointment-date").value || inDays(14);
+    return {
+      resourceType: "Appointment", id: `mesotherapy-appointment-${++appointmentSeq}`, status: "proposed",
+      serviceType: [{ coding: [{ system: config.orderableSystem, code: area.code, display: area.display }], text: area.display }],
+      description: area.display, start: `${day}T09:00:00Z`, end: `${day}T09:45:00Z`,
+      participant: [{ actor: { reference: `Patient/${state.patient.patientId}` }, status: "accepted" },
+        { actor: { reference: "Practitioner/demo-clinician" }, status: "accepted" }],
+    };
+  }
+
+  function appointmentLabel(a) {
+    const st = (a.serviceType || [])[0] || {};
+    return a.description || st.text || (st.coding && st.coding[0] && st.coding[0].display) || "Appointment";
+  }
+
+  function renderAppointments() {
+    const ul = $("appointments"); ul.replaceChildren();
+    if (!state.appointments.length) ul.append(el("li", { class: "none" }, "No appointments."));
+    for (const a of state.appointments) {
+      const day = a.start ? ` on ${a.start.slice(0, 10)}` : "";
+      const remove = a.status === "proposed"
+        ? el("button", { type: "button", class: "remove", onclick: () => removeAppointment(refOf(a)) }, "Remove") : null;
+      ul.append(el("li", { "data-ref": refOf(a), "data-status": a.status }, el("strong", {}, appointmentLabel(a)), day, " ",
+        el("span", { class: "appointment-status" }, `(${a.status})`), " ", remove));
+    }
+  }
+
+  function removeAppointment(ref) {
+    state.appointments = state.appointments.filter((a) => refOf(a) !== ref);
+    renderAppointments();
+  }
+
+  const proposed = () => state.appointments.filter((a) => a.status === "proposed");
+
+  async function book() {
+    const open = state.cards.filter((c) => !c.done);
+    if (state.lastHook === "appointment-book" && state.cards.length && !open.length && proposed().length) {
+      finishBooking();
+      return;
+    }
+    if (!proposed().length) state.appointments.push(proposedAppointment());
+    renderAppointments();
+    const cards = await hook("appointment-book");
+    if (cards === null) return;
+    if (!cards.length) finishBooking();
+    else $("book-status").textContent = `${cards.length} card(s): accept a suggestion or override each, then book again.`;
+  }
+
+  function finishBooking() {
+    const booking = proposed();
+    for (const a of booking) a.status = "booked";
+    renderAppointments(); renderCards([], null);
+    $("book-status").textContent = `${booking.length} appointment(s) booked.`;
+  }
+
   // ---- CDS Hooks
   async function hook(name) {
     const serviceId = config.services[name];
-    const context = {
-      userId: "Practitioner/demo-clinician", patientId: state.patient.patientId,
-      draftOrders: { resourceType: "Bundle", type: "collection", entry: state.drafts.map((r) => ({ resource: r })) },
-    };
-    if (name === "order-select") context.selections = [draftRef];
-    const body = { hook: name, hookInstance: uuid(), context, prefetch: state.patient.prefetch };
+    const context = { userId: "Practitioner/demo-clinician", patientId: state.patient.patientId };
+    let prefetch = state.patient.prefetch;
+    if (name === "order-select" || name === "order-sign") {
+      context.draftOrders = { resourceType: "Bundle", type: "collection", entry: state.drafts.map((r) => ({ resource: r })) };
+      if (name === "order-select") context.selections = [draftRef];
+    } else if (name === "patient-view") {
+      prefetch = { ...prefetch, ...state.patient.planned }; // what is planned for the patient, and the record
+    } else if (name === "appointment-book") {
+      context.appointments = { resourceType: "Bundle", type: "collection", entry: proposed().map((a) => ({ resource: a })) };
+      prefetch = { ...prefetch, plannedOrders: state.patient.planned.plannedOrders };
+    }
+    const body = { hook: name, hookInstance: uuid(), context, prefetch };
     const url = `/cds-services/${serviceId}`;
     const seq = ++state.seq;
     $("cds-hook").textContent = `(${name}: calling…)`;
@@ -201,21 +273,30 @@
 
   function applyActions(actions) {
     for (const a of actions || []) {
-      if (a.type === "delete" && a.resourceId) removeDraft(a.resourceId);
-      else if ((a.type === "create" || a.type === "update") && a.resource) {
+      if (a.type === "delete" && a.resourceId) {
+        if (a.resourceId.startsWith("Appointment/")) removeAppointment(a.resourceId); else removeDraft(a.resourceId);
+      } else if ((a.type === "create" || a.type === "update") && a.resource) {
         const r = { ...a.resource };
         if (!r.id) r.id = `suggested-${++state.extra}`;
-        state.drafts = state.drafts.filter((d) => refOf(d) !== refOf(r)).concat([r]);
+        if (r.resourceType === "Appointment") {
+          state.appointments = state.appointments.filter((d) => refOf(d) !== refOf(r)).concat([r]);
+        } else {
+          state.drafts = state.drafts.filter((d) => refOf(d) !== refOf(r)).concat([r]);
+        }
       }
     }
-    renderDrafts();
+    renderDrafts(); renderAppointments();
   }
 
   function renderCards(cards, serviceId) {
     state.cards = cards.map((c) => ({ card: c, done: false }));
     const box = $("cards"); box.replaceChildren();
     if (!cards.length) {
-      box.append(el("p", { class: "none" }, serviceId ? "No cards: nothing to report for these orders." : "No advice yet: order something."));
+      const none = !serviceId ? "No advice yet: order something or book an appointment."
+        : serviceId === config.services["patient-view"] ? "No cards: nothing to report for what is planned."
+        : serviceId === config.services["appointment-book"] ? "No cards: nothing to report for this appointment."
+        : "No cards: nothing to report for these orders.";
+      box.append(el("p", { class: "none" }, none));
       return;
     }
     state.cards.forEach((entry) => box.append(cardElement(entry, serviceId)));
@@ -290,5 +371,8 @@
   $("bundle-load").addEventListener("click", pasteBundle);
   $("area-select").addEventListener("change", orderChanged);
   $("sign").addEventListener("click", sign);
+  for (const o of config.orderables) $("appointment-area").append(el("option", { value: o.code }, o.display));
+  $("appointment-date").value = inDays(14);
+  $("book").addEventListener("click", book);
   loadPatients();
 })();
