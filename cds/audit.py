@@ -80,7 +80,6 @@ class AuditWriter:
         self._pending.extend(cards)
         for c in cards:
             self._pending_ids.add(c.uuid)
-        self._gauge()
         self._wake.set()
 
     def pending(self, entries: Sequence[FeedbackEntry]) -> bool:
@@ -92,7 +91,6 @@ class AuditWriter:
         self._held.extend(entries)
         if self._spool is not None and self._failed_at:
             self._spool_now()
-        self._gauge()
         self._wake.set()
 
     async def flush(self) -> None:
@@ -150,7 +148,6 @@ class AuditWriter:
         self._failed_at = time.monotonic()
         if self._spool is not None:
             self._spool_now()
-        self._gauge()
 
     def _recovered(self) -> None:
         if self._failed_at and not self._pending_ids and not self._held:
@@ -159,7 +156,6 @@ class AuditWriter:
         if self._spool is not None and self._spooled and not self._pending_ids and not self._held:
             self._spool.clear()
             self._spooled.clear()
-        self._gauge()
 
     def _spool_now(self) -> None:
         """Append what is pending and not yet in the spool file (one write and fsync)."""
@@ -178,8 +174,9 @@ class AuditWriter:
             self._spool.append(lines)
 
     def _gauge(self) -> None:
-        AUDIT_BACKLOG.labels(kind="cards").set(len(self._pending_ids))
-        AUDIT_BACKLOG.labels(kind="feedback").set(len(self._held))
+        """The backlog gauges read this writer's queues when scraped: nothing to do per request."""
+        AUDIT_BACKLOG.labels(kind="cards").set_function(lambda: len(self._pending_ids))
+        AUDIT_BACKLOG.labels(kind="feedback").set_function(lambda: len(self._held))
 
     async def close(self) -> None:
         if self._task is not None:
