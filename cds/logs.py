@@ -136,4 +136,6 @@ def configure_logging(level: str = "INFO", fmt: Literal["json", "text"] = "json"
         logger.propagate = True
     for name in ("httpx", "httpcore"):  # their INFO lines carry FHIR URLs, and so patient ids
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("aiosqlite", "sqlalchemy"):  # at DEBUG, every statement and its parameters: not even then
+        logging.getLogger(name).setLevel(logging.WARNING)
     return handler

@@ -165,9 +165,10 @@ _LABELS = {"MedicationRequest": "prescription", "MedicationOrder": "prescription
            "MedicationStatement": "on the medication list"}
 
 
-def _found(e: Evidence) -> str:
+def _found(e: Evidence, problem: str | None) -> str:
     """One piece of evidence in clinical words: what, its status and its date ("Pregnancy - active, confirmed,
-    recorded 2026-10-02"); the record's reference and how it was matched go to the card's last line."""
+    recorded 2026-10-02"); the record's reference and how it was matched go to the card's last line. `problem` is
+    the record's FHIR validation problem, if any (`validate_evidence`)."""
     rtype = e.ref.split("/", 1)[0]
     words: list[str] = []
     if rtype in _LABELS:
@@ -184,7 +185,7 @@ def _found(e: Evidence) -> str:
             verb = "recorded"
         words.append(f"{verb} {e.when.isoformat()}")
     words.extend(md(_WHERE.sub("", n)) for n in e.notes)
-    if e.raw is not None and validate_evidence(e.raw) is not None:
+    if problem is not None:
         words.append("this record did not pass FHIR validation; read as far as possible")
     what = md(e.what)
     if rtype == "AllergyIntolerance" and not _SAYS_ALLERGY.search(e.what):
@@ -199,12 +200,12 @@ def _planned(o: Order) -> str:
     return f"**{md(o.label)}** - {status}" + (f", {o.when.isoformat()}" if o.when else ", date not set")
 
 
-def _refs(finding: Finding, orders: list[Order]) -> str:
+def _refs(finding: Finding, orders: list[Order], problems: list[str | None]) -> str:
     parts = []
-    for e in finding.evidence:
+    for e, problem in zip(finding.evidence, problems, strict=True):
         ref = e.ref if "/" in e.ref else ""
-        how = _MATCHED.sub(r"by \1: \2", e.matched) if e.matched else ""
-        problem = validate_evidence(e.raw) if e.raw is not None else None
+        matched = _MATCHED.match(e.matched) if e.matched else None
+        how = f"by {matched[1]}: {matched[2]}" if matched else e.matched
         if problem is not None:
             how = f"{how}; invalid: {problem[:80]}" if how else f"invalid: {problem[:80]}"
         for n in e.notes:
@@ -221,10 +222,11 @@ def _refs(finding: Finding, orders: list[Order]) -> str:
 
 def _detail(finding: Finding, orders: list[Order], text: _RuleText, hook: str) -> str:
     evidence = finding.evidence
+    problems = [validate_evidence(e.raw) if e.raw is not None else None for e in evidence]  # once per record
     if len(evidence) == 1:
-        lines = [f"**Found:** {_found(evidence[0])}"]
+        lines = [f"**Found:** {_found(evidence[0], problems[0])}"]
     else:
-        lines = ["**Found:**", *(f"- {_found(e)}" for e in evidence)]
+        lines = ["**Found:**", *(f"- {_found(e, p)}" for e, p in zip(evidence, problems, strict=True))]
     if hook not in ("order-select", "order-sign"):  # what is planned, and when
         planned = [_planned(o) for o in orders]
         lines += ["", f"**Planned:** {planned[0]}" if len(planned) == 1
@@ -232,5 +234,5 @@ def _detail(finding: Finding, orders: list[Order], text: _RuleText, hook: str) -
     lines.append("")
     for note in finding.notes:
         lines += [f"> {md(note)}", ""]
-    lines += [text.advice, "", f"_Records: {_refs(finding, orders)}._"]
+    lines += [text.advice, "", f"_Records: {_refs(finding, orders, problems)}._"]
     return "\n".join(lines)
