@@ -19,7 +19,7 @@ $(VENV)/.build-tools: $(BIN)/python pyproject.toml
 	touch $@
 
 # Installing also compiles the screening modules with mypyc (setup.py), so a change to cds/ reinstalls.
-$(VENV)/.installed: $(VENV)/.build-tools setup.py $(wildcard cds/*.py)
+$(VENV)/.installed: $(VENV)/.build-tools setup.py $(wildcard cds/*.py cds/*/*.py)
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[test]'
 	$(BIN)/python -c "import cds; print('cds:', cds.BUILD)"
 	touch $@
@@ -67,4 +67,4 @@ vocab: install
 	$(BIN)/python fixtures/vocabularies/apply.py
 
 clean:
-	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache build cds/*.so cds_native__mypyc*.so
+	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache build cds/*.so cds/*/*.so cds_native__mypyc*.so

@@ -65,7 +65,7 @@ async def profile(name: str, requests: int, use_pyinstrument: bool, top: int) ->
     os.environ.setdefault("CDS_ENV", "dev")
     os.environ.setdefault("CDS_LOG_LEVEL", "WARNING")  # profile the work, not the log handler
     os.environ.setdefault("CDS_DATA_DIR", tempfile.mkdtemp(prefix="cds-profile-data-"))  # not the developer's data/
-    from cds.app import create_app
+    from cds.api.app import create_app
     from cds.settings import get_settings
 
     app = create_app(get_settings())

@@ -40,7 +40,7 @@ async def child(app_name: str, size: int, requests: int) -> None:
 
         app = floor.app
     else:
-        from cds.app import create_app
+        from cds.api.app import create_app
         from cds.logs import configure_logging
         from cds.settings import get_settings
 

@@ -6,8 +6,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from cds.fhirjson import coded
-from cds.knowledge import load_knowledge
+from cds.fhir.json import coded
+from cds.knowledge.loader import load_knowledge
 
 from conftest import FIXTURES, ROOT
 
@@ -68,11 +68,11 @@ def test_rules_skipped_for_lack_of_data_would_have_found_nothing() -> None:
     from datetime import UTC, datetime
 
     from cds.errors import CDSError
-    from cds.fhir import entries
-    from cds.hooks import validate_request
-    from cds.orders import draft_resources, find_mesotherapy
-    from cds.prefetch import Gathered, build_record
-    from cds.rules import Evaluation, rule_needs
+    from cds.fhir.client import entries
+    from cds.fhir.prefetch import Gathered, build_record
+    from cds.screening.hooks import validate_request
+    from cds.screening.orders import draft_resources, find_mesotherapy
+    from cds.screening.rules import Evaluation, rule_needs
     from cds.settings import Settings
 
     settings, today = Settings(env="dev"), datetime.now(UTC).date()

@@ -14,8 +14,19 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .errors import DataUnavailable
-from .fhir import (
+from ..errors import DataUnavailable
+from ..screening.record import (
+    PatientRecord,
+    Reader,
+    Relevant,
+    read_allergy,
+    read_condition,
+    read_medication,
+    read_observation,
+    read_patient,
+)
+from ..settings import Settings
+from .client import (
     FhirClient,
     FhirError,
     Limits,
@@ -26,17 +37,6 @@ from .fhir import (
     next_link,
     server_allowed,
 )
-from .record import (
-    PatientRecord,
-    Reader,
-    Relevant,
-    read_allergy,
-    read_condition,
-    read_medication,
-    read_observation,
-    read_patient,
-)
-from .settings import Settings
 
 log = logging.getLogger("cds.prefetch")
 

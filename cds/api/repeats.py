@@ -18,9 +18,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import metrics
-from .knowledge import KnowledgeBase
-from .store import Store, StoreError
+from .. import metrics
+from ..knowledge.loader import KnowledgeBase
+from ..store import Store, StoreError
 
 log = logging.getLogger("cds")
 

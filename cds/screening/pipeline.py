@@ -12,10 +12,14 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from . import metrics
-from .fhirjson import Coded
+from .. import metrics
+from ..api.security import pseudonym
+from ..fhir.json import Coded
+from ..fhir.prefetch import PLANNED_TEMPLATES, TEMPLATES, Gathered, Template, build_record, gather
+from ..knowledge.loader import KnowledgeBase
+from ..settings import Settings
+from ..store import IssuedCard
 from .hooks import ORDER_HOOKS
-from .knowledge import KnowledgeBase
 from .orders import (
     Order,
     booked_mesotherapy,
@@ -25,12 +29,8 @@ from .orders import (
     planned_mesotherapy,
     unresolved_based_on,
 )
-from .prefetch import PLANNED_TEMPLATES, TEMPLATES, Gathered, Template, build_record, gather
 from .render import card
 from .rules import Finding, evaluate
-from .security import pseudonym
-from .settings import Settings
-from .store import IssuedCard
 
 log = logging.getLogger("cds")
 

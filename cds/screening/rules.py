@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import date, timedelta
 from typing import Any
 
-from .knowledge import (
+from ..knowledge.loader import (
     INDICATOR_RANK,
     AllergyLeaf,
     AnyNode,
@@ -26,9 +26,9 @@ from .knowledge import (
     Rule,
     WeanedLeaf,
 )
+from ..settings import Settings
 from .orders import Order, ingredients_in
 from .record import AllergyFact, Fact, ObservationFact, PatientRecord
-from .settings import Settings
 
 
 class Evidence:

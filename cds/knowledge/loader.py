@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, KnowledgeError
-from .fhirjson import ICD10CM
-from .matching import (
+from ..errors import ConfigError, KnowledgeError
+from ..fhir.json import ICD10CM
+from .index import (
     Match,
     MatchIndex,
     SiteTable,
@@ -299,7 +299,7 @@ def _check_visible(where: str, texts: Iterable[str]) -> None:
 
 def _check_rule(rule: Rule, valuesets: dict[str, ValueSet], reasons: dict[str, OverrideReason],
                 by_id: dict[str, Rule]) -> None:
-    from .settings import Settings  # the settings a rule may name are the clinical policy fields
+    from ..settings import Settings  # the settings a rule may name are the clinical policy fields
 
     where = f"rules/{rule.id}.yaml"
     _check_visible(where, [rule.title, rule.rationale, rule.advice, rule.extension or "", rule.source.citation,

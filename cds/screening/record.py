@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from .fhirjson import (
+from ..fhir.json import (
     EMPTY,
     Coded,
     choice,

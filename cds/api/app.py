@@ -21,9 +21,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from . import BUILD, COMPILED, __version__, dashboard, demo, metrics
-from .audit import AuditWriter, prune_forever
-from .errors import (
+from .. import BUILD, COMPILED, __version__, metrics
+from ..audit import AuditWriter, prune_forever
+from ..errors import (
     CDSError,
     ConfigError,
     DataUnavailable,
@@ -33,17 +33,18 @@ from .errors import (
     RequestTimeout,
     ServiceNotFound,
 )
-from .feedback import parse_feedback
-from .fhirjson import set_text_limit
-from .hooks import LEGACY_SERVICE, SERVED_HOOKS, SERVICE_HOOKS, SERVICES, validate_request
-from .knowledge import KnowledgeBase, load_knowledge
+from ..fhir.json import set_text_limit
+from ..fhir.prefetch import HOOK_TEMPLATES
+from ..knowledge.loader import KnowledgeBase, load_knowledge
+from ..screening.hooks import LEGACY_SERVICE, SERVED_HOOKS, SERVICE_HOOKS, SERVICES, validate_request
+from ..screening.pipeline import Screening
+from ..settings import Settings, get_settings
+from ..store import Store, StoreError, UnknownCard
+from . import dashboard, demo
+from .feedback_body import parse_feedback
 from .openapi import document
-from .prefetch import HOOK_TEMPLATES
 from .repeats import AnsweredCards
-from .screening import Screening
 from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym_key
-from .settings import Settings, get_settings
-from .store import Store, StoreError, UnknownCard
 
 SERVICE_ID = LEGACY_SERVICE  # the first service id; EHRs registered against it keep calling it for order hooks
 AUDIT_GRACE_S = 0.3  # feedback naming an unknown card is retried once after this: another worker may be writing it

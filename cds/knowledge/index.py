@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .fhirjson import (
+from ..fhir.json import (
     ICD10CM,
     LOINC,
     MEMO_CHARS,

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 import yarl
 
-from .fhirjson import listed
+from .json import listed
 
 FHIR_JSON = "application/fhir+json"
 CHUNK = 65_536  # bytes read from the socket at a time
