@@ -30,8 +30,9 @@ def main() -> int:
                     "are verified" if settings.jwt_required else "are NOT verified")
     try:
         from .api.app import create_app
+        from .api.fastpath import with_fast_path
 
-        app = create_app(settings)
+        app = with_fast_path(create_app(settings))
     except (KnowledgeError, ConfigError) as exc:
         kind = "invalid knowledge in cards/" if isinstance(exc, KnowledgeError) else "unsafe configuration"
         log.error("refusing to start: %s: %s", kind, exc)

@@ -78,10 +78,10 @@ class Local:
     """The service's screening, in this process (no server, no FHIR server: requests carry their data)."""
 
     def __init__(self, settings: Any, kb: Any) -> None:
-        from ..api.security import pseudonym_key
+        from ..knowledge.policy import ClinicalPolicy
         from ..screening.pipeline import Screening
 
-        self.screening = Screening(kb, settings, pseudonym_key(settings))
+        self.screening = Screening(kb, ClinicalPolicy.from_settings(settings), settings)
         self.settings = settings
 
     async def screen(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -92,8 +92,10 @@ class Local:
         body = validate_request(body)
         async with aiohttp.ClientSession(trust_env=False) as http:  # only for a request that lacks prefetch
             base = (self.settings.public_base_url or "http://127.0.0.1:8080").rstrip("/")  # `make run`s address
-            cards, silent, _ = await self.screening.screen(body, http, base)
-        return cards, silent
+            screened = await self.screening.screen(body, http, base)
+        if screened.refused is not None:
+            raise screened.refused
+        return screened.cards, screened.silent
 
 
 # ---------------------------------------------------------------------------------------------- rendering
