@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test install install-test chromium screenshots lint bench clean vocab
+.PHONY: run test install install-test chromium screenshots check lint bench clean vocab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,13 @@ run: install
 test: install-test
 	$(BIN)/python -m pytest
 
-lint: install-test
+# The layering contracts (pyproject's [tool.importlinter]), lint and type check: CI runs this before `make test`.
+check: $(VENV)/.installed
+	$(BIN)/lint-imports
 	$(BIN)/ruff check cds tests bench setup.py
 	$(BIN)/mypy
+
+lint: check
 
 bench: install-test  # BENCH_ARGS="--duration 2 --warmup 0.5" for a quick run
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
