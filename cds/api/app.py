@@ -106,15 +106,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             settings.answered_card_refresh_s) if settings.answered_card_memory_hours else None)
     app.state.answered = memory
     endpoint = hooks.HookEndpoint(kb, screening, settings, pseudonym_key(settings), app.state.base_url, memory)
-    app.include_router(hooks.router(kb, endpoint))
+    hooks.add_routes(app, kb, endpoint)  # on the app itself, as before the split: app.routes lists them
     if not settings.cors_origins:  # CORS headers come from middleware: with CORS on, the router serves hooks
         app.state.fast_path = (endpoint.handle, endpoint.paths)
-    app.include_router(feedback.router(settings.max_body_bytes, settings.http_body_timeout_s))
+    feedback.add_routes(app, settings.max_body_bytes, settings.http_body_timeout_s)
     app.include_router(dashboard.router(kb, client_claims))  # /feedback/dashboard (HTML) and .csv, same queries
     if settings.demo_enabled:  # the demo EHR page: dev mode, or CDS_DEMO=true
         app.include_router(demo.router(kb, settings.demo_patients_dir))
-    app.include_router(knowledge.router(kb))
-    app.include_router(ops.router(kb))
+    knowledge.add_routes(app, kb)
+    ops.add_routes(app, kb)
     return app
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .. import metrics
@@ -19,11 +19,10 @@ from .responses import FhirJSON
 AUDIT_GRACE_S = 0.3  # feedback naming an unknown card is retried once after this: another worker may be writing it
 
 
-def router(max_body_bytes: int, body_timeout_s: float) -> APIRouter:
-    routes = APIRouter()
+def add_routes(app: FastAPI, max_body_bytes: int, body_timeout_s: float) -> None:
 
-    @routes.post("/cds-services/{service_id}/feedback")
-    @routes.post("/cds-services/{service_id}/feedback/", include_in_schema=False)
+    @app.post("/cds-services/{service_id}/feedback")
+    @app.post("/cds-services/{service_id}/feedback/", include_in_schema=False)
     async def post_feedback(service_id: str, request: Request, claims: Client) -> Response:
         if service_id not in SERVICE_HOOKS:
             raise ServiceNotFound(f"no CDS service with id {service_id!r}")
@@ -53,7 +52,7 @@ def router(max_body_bytes: int, body_timeout_s: float) -> APIRouter:
             request.app.state.answered.stale()
         return FhirJSON({"received": len(entries), "stored": stored})  # already-stored entries count once
 
-    @routes.get("/feedback/summary")
+    @app.get("/feedback/summary")
     async def feedback_summary(request: Request, claims: Client) -> Response:
         try:
             await request.app.state.audit.flush()  # the cards answered a moment ago count
@@ -62,4 +61,3 @@ def router(max_body_bytes: int, body_timeout_s: float) -> APIRouter:
             raise ServiceUnavailable("the audit store is unavailable; retry later") from None
         return FhirJSON(summary)  # not a CDS Hooks body: every rule keeps its override_reasons, even when empty
 
-    return routes

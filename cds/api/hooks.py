@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .. import metrics
@@ -128,15 +128,13 @@ class HookEndpoint:
         return {f"/cds-services/{sid}{slash}": {"service_id": sid} for sid in SERVICE_HOOKS for slash in ("", "/")}
 
 
-def router(kb: KnowledgeBase, endpoint: HookEndpoint) -> APIRouter:
+def add_routes(app: FastAPI, kb: KnowledgeBase, endpoint: HookEndpoint) -> None:
     discovery = discovery_document(kb)
-    routes = APIRouter()
 
-    @routes.get("/cds-services")
-    @routes.get("/cds-services/", include_in_schema=False)  # answered, not redirected: EHRs may not follow a 307
+    @app.get("/cds-services")
+    @app.get("/cds-services/", include_in_schema=False)  # answered, not redirected: EHRs may not follow a 307
     async def discover(claims: Client) -> Response:
         return FhirJSON(discovery)
 
-    routes.add_route("/cds-services/{service_id}", endpoint.handle, methods=["POST"])
-    routes.add_route("/cds-services/{service_id}/", endpoint.handle, methods=["POST"])
-    return routes
+    app.add_route("/cds-services/{service_id}", endpoint.handle, methods=["POST"])
+    app.add_route("/cds-services/{service_id}/", endpoint.handle, methods=["POST"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from fastapi import APIRouter, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 from ..errors import ServiceNotFound
@@ -12,10 +12,9 @@ from ..knowledge.loader import KnowledgeBase
 from .deps import base_url
 
 
-def router(kb: KnowledgeBase) -> APIRouter:
-    routes = APIRouter()
+def add_routes(app: FastAPI, kb: KnowledgeBase) -> None:
 
-    @routes.get("/knowledge", response_class=HTMLResponse)
+    @app.get("/knowledge", response_class=HTMLResponse)
     async def knowledge_index(request: Request) -> HTMLResponse:
         items = "".join(f'<li><a href="{base_url(request)}/knowledge/{r.id}">{html.escape(r.title)}</a> '
                         f"(rule v{r.version}, {r.indicator}{', silent' if r.id in kb.silent else ''})</li>"
@@ -23,7 +22,7 @@ def router(kb: KnowledgeBase) -> APIRouter:
         return HTMLResponse(page(kb.service.source_label,
                                  f"<p>{html.escape(kb.service.description)}</p><ul>{items}</ul>"))
 
-    @routes.get("/knowledge/{rule_id}", response_class=HTMLResponse)
+    @app.get("/knowledge/{rule_id}", response_class=HTMLResponse)
     async def knowledge_page(rule_id: str) -> HTMLResponse:
         rule = kb.by_id.get(rule_id)
         if rule is None:
@@ -37,7 +36,6 @@ def router(kb: KnowledgeBase) -> APIRouter:
                 f"<h2>Source</h2><p>{e(rule.source.citation)}</p><blockquote>{e(rule.source.quote)}</blockquote>")
         return HTMLResponse(page(rule.title, body))
 
-    return routes
 
 
 def page(title: str, body: str) -> str:
