@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test install install-test chromium screenshots lint bench clean vocab
+.PHONY: run test install install-test chromium screenshots check lint bench clean vocab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.build-tools: $(BIN)/python pyproject.toml
 	touch $@
 
 # Installing also compiles the screening modules with mypyc (setup.py), so a change to cds/ reinstalls.
-$(VENV)/.installed: $(VENV)/.build-tools setup.py $(wildcard cds/*.py)
+$(VENV)/.installed: $(VENV)/.build-tools setup.py $(wildcard cds/*.py cds/*/*.py)
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[test]'
 	$(BIN)/python -c "import cds; print('cds:', cds.BUILD)"
 	touch $@
@@ -46,9 +46,13 @@ run: install
 test: install-test
 	$(BIN)/python -m pytest
 
-lint: install-test
+# The layering contracts (pyproject's [tool.importlinter]), lint and type check: CI runs this before `make test`.
+check: $(VENV)/.installed
+	$(BIN)/lint-imports
 	$(BIN)/ruff check cds tests bench setup.py
 	$(BIN)/mypy
+
+lint: check
 
 bench: install-test  # BENCH_ARGS="--duration 2 --warmup 0.5" for a quick run
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
@@ -67,4 +71,4 @@ vocab: install
 	$(BIN)/python fixtures/vocabularies/apply.py
 
 clean:
-	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache build cds/*.so cds_native__mypyc*.so
+	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache build cds/*.so cds/*/*.so cds_native__mypyc*.so

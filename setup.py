@@ -19,10 +19,11 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-COMPILED = ["fhir", "fhirjson", "hooks", "logs", "matching", "orders", "prefetch", "record", "render", "rules",
-            "screening"]
+COMPILED = ["cds.fhir.client", "cds.fhir.json", "cds.fhir.prefetch", "cds.knowledge.index", "cds.logs",
+            "cds.screening.hooks", "cds.screening.orders", "cds.screening.pipeline", "cds.screening.record",
+            "cds.screening.render", "cds.screening.rules"]
 MANIFEST = "compiled.json"
-SOURCES = {name: Path("cds", f"{name}.py") for name in COMPILED}
+SOURCES = {name: Path(*name.split(".")).with_suffix(".py") for name in COMPILED}
 HASHES = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in SOURCES.items()}  # as compiled
 
 
@@ -35,10 +36,10 @@ class BuildExt(build_ext):
     def run(self) -> None:
         self.succeeded: set[str] = set()
         super().run()
-        built = {name: HASHES[name] for name in COMPILED if f"cds.{name}" in self.succeeded}
+        built = {name: HASHES[name] for name in COMPILED if name in self.succeeded}
         if not any(name.endswith("__mypyc") for name in self.succeeded):
             built = {}  # the modules' shared library did not build: none of them can load
-        target = Path(self.get_ext_fullpath("cds.rules")).parent / MANIFEST
+        target = Path(self.get_ext_fullpath("cds.logs")).parent / MANIFEST
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(built, indent=1) + "\n", encoding="utf-8")
 

@@ -65,10 +65,12 @@ async def profile(name: str, requests: int, use_pyinstrument: bool, top: int) ->
     os.environ.setdefault("CDS_ENV", "dev")
     os.environ.setdefault("CDS_LOG_LEVEL", "WARNING")  # profile the work, not the log handler
     os.environ.setdefault("CDS_DATA_DIR", tempfile.mkdtemp(prefix="cds-profile-data-"))  # not the developer's data/
-    from cds.app import create_app
+    from cds.api.app import create_app
+    from cds.api.fastpath import with_fast_path
     from cds.settings import get_settings
 
-    app = create_app(get_settings())
+    framework = create_app(get_settings())
+    app = with_fast_path(framework)  # what the server runs (cds/__main__.py)
     stub = None
     if name == "fetch":
         log_dir = Path(tempfile.mkdtemp(prefix="cds-profile-"))
@@ -80,7 +82,7 @@ async def profile(name: str, requests: int, use_pyinstrument: bool, top: int) ->
     else:
         body = orjson.dumps(workloads.hook_request(workloads.record(workloads.SIZES[name])))
     try:
-        async with app.router.lifespan_context(app):
+        async with framework.router.lifespan_context(framework):
             status, payload = await call(app, body)
             cards = [c["source"]["topic"]["code"] for c in orjson.loads(payload).get("cards", [])]
             say(f"{name}: status {status}, cards {cards}, body {len(body):,} bytes")

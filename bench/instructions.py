@@ -38,16 +38,18 @@ async def child(app_name: str, size: int, requests: int) -> None:
     if app_name == "floor":
         import floor
 
-        app = floor.app
+        app = framework = floor.app
     else:
-        from cds.app import create_app
+        from cds.api.app import create_app
+        from cds.api.fastpath import with_fast_path
         from cds.logs import configure_logging
         from cds.settings import get_settings
 
         settings = get_settings()
         configure_logging(settings.log_level, settings.log_format)  # its one line per hook call, as it runs
-        app = create_app(settings)
-    async with app.router.lifespan_context(app):
+        framework = create_app(settings)
+        app = with_fast_path(framework)  # what the server runs (cds/__main__.py)
+    async with framework.router.lifespan_context(framework):
         for i in range(20 + requests):  # the same 20 warm-up requests in both runs
             await call(app, body)
             if i % 16 == 0:

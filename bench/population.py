@@ -39,9 +39,11 @@ def patients() -> Iterator[dict[str, Any]]:
 
 def screen(kb: Any, settings: Any, entry: dict[str, Any]) -> tuple[dict[str, Any], list[Any]] | None:
     """(Patient, findings) for one living patient, or None for a deceased one."""
-    from cds.orders import draft_resources, find_mesotherapy
-    from cds.prefetch import Gathered, build_record
-    from cds.rules import evaluate
+    from cds.fhir.prefetch import Gathered
+    from cds.knowledge.policy import ClinicalPolicy
+    from cds.screening.orders import draft_resources, find_mesotherapy
+    from cds.screening.record import build_record
+    from cds.screening.rules import evaluate
 
     data: dict[str, list[dict[str, Any]]] = {"patient": [], "conditions": [], "allergies": [], "observations": [],
                                              "medications": []}
@@ -59,7 +61,7 @@ def screen(kb: Any, settings: Any, entry: dict[str, Any]) -> tuple[dict[str, Any
     drafts = draft_resources({"resourceType": "Bundle", "entry": [{"resource": order}]})
     orders = find_mesotherapy(kb, "order-select", drafts, ["ServiceRequest/sr-1"])
     record = build_record(Gathered(data, {}, set(), []), str(patient.get("id")), {"ServiceRequest/sr-1"})
-    return patient, evaluate(kb, record, orders, REFERENCE_DATE, settings)
+    return patient, evaluate(kb, record, orders, REFERENCE_DATE, ClinicalPolicy.from_settings(settings))
 
 
 def woman_18_50(patient: dict[str, Any]) -> bool:
@@ -71,7 +73,7 @@ def woman_18_50(patient: dict[str, Any]) -> bool:
 
 
 def run(samples: int = 0) -> dict[str, Any]:
-    from cds.knowledge import load_knowledge
+    from cds.knowledge.loader import load_knowledge
     from cds.settings import Settings
 
     settings = Settings(env="dev")

@@ -24,36 +24,40 @@ __version__ = "0.1.0"
 _HERE = Path(__file__).resolve().parent
 
 
+def _source(name: str) -> Path:
+    """The source of a module of this package, by its full name (cds.screening.rules -> screening/rules.py)."""
+    return _HERE.joinpath(*name.split(".")[1:]).with_suffix(".py")
+
+
 def _compiled_modules() -> set[str]:
-    """The names of the modules that have a compiled build here."""
+    """The full names of the modules that have a compiled build here (cds.screening.rules)."""
     found: set[str] = set()
     for suffix in EXTENSION_SUFFIXES:
-        for built in _HERE.glob(f"*{suffix}"):
+        for built in _HERE.rglob(f"*{suffix}"):
             name = built.name[: -len(suffix)]
             if "." not in name:  # ".so" also ends ".cpython-311-x86_64-linux-gnu.so"
-                found.add(name)
+                found.add(".".join((__name__, *built.parent.relative_to(_HERE).parts, name)))
     return found
 
 
 def _current(name: str, recorded: dict[str, str]) -> bool:
     """Whether the compiled build of `name` was made from its source as it is now."""
-    source = _HERE / f"{name}.py"
+    source = _source(name)
     if not source.exists():  # an install without sources: nothing else to run
         return True
     return hashlib.sha256(source.read_bytes()).hexdigest() == recorded.get(name)
 
 
 class _Interpreted(MetaPathFinder):
-    """Imports `cds.<name>` from `<name>.py` for the given names, ahead of the compiled build."""
+    """Imports the given modules (full names) from their `.py` sources, ahead of the compiled build."""
 
     def __init__(self, names: set[str]) -> None:
         self.names = names
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
-        package, _, name = fullname.rpartition(".")
-        if package != __name__ or name not in self.names:
+        if fullname not in self.names:
             return None
-        return importlib.util.spec_from_file_location(fullname, _HERE / f"{name}.py")
+        return importlib.util.spec_from_file_location(fullname, _source(fullname))
 
 
 def _choose_build() -> str:

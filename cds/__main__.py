@@ -29,14 +29,15 @@ def main() -> int:
         log.warning("DEV MODE: client JWTs %s, loopback FHIR servers allowed; never use with real patient data",
                     "are verified" if settings.jwt_required else "are NOT verified")
     try:
-        from .app import create_app
+        from .api.app import create_app
+        from .api.fastpath import with_fast_path
 
-        app = create_app(settings)
+        app = with_fast_path(create_app(settings))
     except (KnowledgeError, ConfigError) as exc:
         kind = "invalid knowledge in cards/" if isinstance(exc, KnowledgeError) else "unsafe configuration"
         log.error("refusing to start: %s: %s", kind, exc)
         return 2
-    from .server import protocol
+    from .api.server import protocol
 
     uvicorn.run(app, host=host, port=port, log_config=None, log_level=settings.log_level.lower(),
                 access_log=settings.access_log, http=protocol(settings),

@@ -6,7 +6,8 @@
      ├── ServiceNotFound     404  unknown service id or path
      ├── RequestTimeout      408  the request body stopped arriving (the connection is closed)
      ├── PayloadTooLarge     413
-     └── DataUnavailable     412  the Patient could not be obtained
+     ├── DataUnavailable     412  the Patient could not be obtained
+     └── ServiceUnavailable  503  the replay cache or the audit store is down
     KnowledgeError, ConfigError  raised at start-up only: cards/ or the settings are invalid
 """
 
@@ -77,6 +78,13 @@ class DataUnavailable(CDSError):
 
     status = 412
     issue_code = "not-found"
+
+
+class ServiceUnavailable(CDSError):
+    """A dependency the request cannot be answered without (the replay cache, the audit store) is down."""
+
+    status = 503
+    issue_code = "transient"
 
 
 class KnowledgeError(Exception):

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     demo_patients_dir: Path = ROOT / "fixtures" / "synthetic"
 
     max_body_bytes: int = 1_048_576
-    # HTTP limits (cds/server.py, uvicorn; deploy/README.md maps them to a reverse proxy)
+    # HTTP limits (cds/api/server.py, uvicorn; deploy/README.md maps them to a reverse proxy)
     http_max_headers: int = 100
     http_max_head_bytes: int = 32_768  # request line and headers together
     http_head_timeout_s: float = 10.0  # from the request's first byte (or the connection's opening) to its last header

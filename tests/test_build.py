@@ -19,14 +19,15 @@ import cds
 
 ROOT = Path(__file__).resolve().parent.parent
 # as in setup.py
-COMPILED = ["fhir", "fhirjson", "hooks", "logs", "matching", "orders", "prefetch", "record", "render", "rules",
-            "screening"]
+COMPILED = ["cds.fhir.client", "cds.fhir.json", "cds.fhir.prefetch", "cds.knowledge.index", "cds.logs",
+            "cds.screening.hooks", "cds.screening.orders", "cds.screening.pipeline", "cds.screening.record",
+            "cds.screening.render", "cds.screening.rules"]
 has_build = pytest.mark.skipif(not list(ROOT.glob("cds_native__mypyc*")), reason="no compiled build here")
 
 
 def build_in(tree: Path, *, env: dict[str, str] | None = None) -> list[str]:
     """Import cds and its compiled modules in a fresh interpreter from `tree`: the build, then each module's file."""
-    code = f"import cds, importlib; print(cds.BUILD); [print(importlib.import_module('cds.' + m).__file__) " \
+    code = f"import cds, importlib; print(cds.BUILD); [print(importlib.import_module(m).__file__) " \
            f"for m in {COMPILED!r}]"
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(tree), **(env or {})})
@@ -43,7 +44,8 @@ def test_setup_compiles_the_modules_this_test_expects() -> None:
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the interpreted build is expected")
 def test_the_suite_runs_the_compiled_build() -> None:
     assert cds.COMPILED, f"{cds.BUILD}; `make test` rebuilds it"
-    from cds import prefetch, rules
+    from cds.fhir import prefetch
+    from cds.screening import rules
 
     assert rules.__file__.endswith(".so") and prefetch.__file__.endswith(".so")
 
@@ -60,10 +62,10 @@ def test_a_source_edited_after_the_build_makes_every_module_interpreted(tmp_path
     assert forced[0] == "interpreted (CDS_INTERPRETED is set)"
     assert all(f.endswith(".py") for f in forced[1:]), forced
 
-    edited = tmp_path / "cds" / "rules.py"
+    edited = tmp_path / "cds" / "screening" / "rules.py"
     edited.write_text(edited.read_text(encoding="utf-8") + "\n# edited after the build\n", encoding="utf-8")
     stale = build_in(tmp_path)
-    assert stale[0].startswith("interpreted (the compiled build is not of the current rules"), stale[0]
+    assert stale[0].startswith("interpreted (the compiled build is not of the current cds.screening.rules"), stale[0]
     assert all(f.endswith(".py") for f in stale[1:]), stale  # all or none: compiled modules share classes
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from cds.fhirjson import ICD10CM, Coded, Coding, norm_system
-from cds.knowledge import KnowledgeBase, load_knowledge
-from cds.matching import icd_key, system_uri
+from cds.fhir.json import ICD10CM, Coded, Coding, norm_system
+from cds.knowledge.index import icd_key, system_uri
+from cds.knowledge.loader import KnowledgeBase, load_knowledge
 
 ROOT = Path(__file__).resolve().parent.parent
 CARDS = ROOT / "cards"

@@ -219,7 +219,7 @@ def test_probes_point_at_health_endpoints_on_the_served_port() -> None:
 
 
 def test_probe_paths_are_routes_of_the_app() -> None:
-    from cds.app import create_app
+    from cds.api.app import create_app
 
     app = create_app(Settings(env="dev"))
     paths = {getattr(route, "path", None) for route in app.routes}

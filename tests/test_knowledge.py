@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cds.errors import KnowledgeError
-from cds.knowledge import SUMMARY_LIMIT, load_knowledge
+from cds.knowledge.loader import SUMMARY_LIMIT, load_knowledge
 
 from conftest import ROOT
 

@@ -6,8 +6,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from cds.fhirjson import coded
-from cds.knowledge import load_knowledge
+from cds.fhir.json import coded
+from cds.knowledge.loader import load_knowledge
 
 from conftest import FIXTURES, ROOT
 
@@ -68,14 +68,16 @@ def test_rules_skipped_for_lack_of_data_would_have_found_nothing() -> None:
     from datetime import UTC, datetime
 
     from cds.errors import CDSError
-    from cds.fhir import entries
-    from cds.hooks import validate_request
-    from cds.orders import draft_resources, find_mesotherapy
-    from cds.prefetch import Gathered, build_record
-    from cds.rules import Evaluation, rule_needs
+    from cds.fhir.client import entries
+    from cds.fhir.prefetch import Gathered
+    from cds.knowledge.policy import ClinicalPolicy
+    from cds.screening.hooks import validate_request
+    from cds.screening.orders import draft_resources, find_mesotherapy
+    from cds.screening.record import build_record
+    from cds.screening.rules import Evaluation, rule_needs
     from cds.settings import Settings
 
-    settings, today = Settings(env="dev"), datetime.now(UTC).date()
+    policy, today = ClinicalPolicy.from_settings(Settings(env="dev")), datetime.now(UTC).date()
     needs = rule_needs(KB)
     skipped = fired = 0
     for path in sorted((FIXTURES / "scenarios").glob("*.json")):
@@ -94,7 +96,7 @@ def test_rules_skipped_for_lack_of_data_would_have_found_nothing() -> None:
         if not orders or not any(r.get("resourceType") == "Patient" for r in data.get("patient", [])):
             continue
         record = build_record(Gathered(data, {}, set(), []), context["patientId"], set(drafts.resources))
-        evaluation = Evaluation(KB, record, orders, today, settings)
+        evaluation = Evaluation(KB, record, orders, today, policy)
         present = evaluation._present()
         for rule in KB.rules:
             if needs[rule.id] is not None and needs[rule.id].isdisjoint(present):

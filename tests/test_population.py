@@ -29,7 +29,7 @@ def test_allergy_history_shows_for_under_half_of_women_18_to_50() -> None:
 
 
 def test_every_drug_food_or_latex_allergy_still_shows() -> None:
-    from cds.knowledge import load_knowledge
+    from cds.knowledge.loader import load_knowledge
     from cds.settings import Settings
 
     kb, settings = load_knowledge(ROOT / "cards"), Settings(env="dev")

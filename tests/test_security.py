@@ -25,9 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from cds.errors import NotAuthenticated
-from cds.logs import JsonFormatter, RedactFilter, redact
-from cds.security import (
+from cds.api.security import (
     ClientVerifier,
     MemoryReplayCache,
     ReplayCache,
@@ -36,6 +34,8 @@ from cds.security import (
     pseudonym,
     pseudonym_key,
 )
+from cds.errors import NotAuthenticated
+from cds.logs import JsonFormatter, RedactFilter, redact
 from cds.settings import Settings
 
 from jwks_server import JwksServer

@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cds.fhirjson import Coded
-from cds.knowledge import load_knowledge
-from cds.prefetch import TEMPLATES
+from cds.fhir.json import Coded
+from cds.fhir.prefetch import TEMPLATES
+from cds.knowledge.loader import load_knowledge
 
 from conftest import ROOT
 

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 import yarl
 
-from .fhirjson import listed
+from .json import listed
 
 FHIR_JSON = "application/fhir+json"
 CHUNK = 65_536  # bytes read from the socket at a time
@@ -100,7 +100,7 @@ class FhirClient:
         self._http = http
         self.base_url = base_url.rstrip("/")
         self._origin = origin(self.base_url)
-        # The session inflates nothing itself (app.py: auto_decompress=False): `_read` does, under the cap.
+        # The session inflates nothing itself (api/app.py: auto_decompress=False): `_read` does, under the cap.
         self._headers = {"Accept": FHIR_JSON, "Accept-Encoding": "gzip, deflate"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"

@@ -20,11 +20,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
-from . import bundles
-from .bundles import NotFhir
-from .errors import InvalidRequest, ServiceNotFound
-from .hooks import SERVICES
-from .knowledge import KnowledgeBase
+from ..errors import InvalidRequest, ServiceNotFound
+from ..knowledge.loader import KnowledgeBase
+from ..screening import bundles
+from ..screening.bundles import NotFhir
+from ..screening.hooks import SERVICES
 
 # The CDS service the page calls, per hook. One place to change when discovery lists one service per hook.
 HOOK_SERVICES = {hook: sid for sid, hook in SERVICES.items()}  # one id a hook

@@ -28,8 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from . import bundles
-from .bundles import NotFhir
+from ..screening import bundles
+from ..screening.bundles import NotFhir
 
 INDICATOR_STYLE = {"critical": "bold red", "warning": "yellow", "info": "blue"}
 INDICATOR_RANK = {"info": 0, "warning": 1, "critical": 2}
@@ -44,7 +44,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def _settings(knowledge_dir: Path | None = None) -> Any:
     from pydantic import ValidationError
 
-    from .settings import Settings
+    from ..settings import Settings
 
     overrides: dict[str, Any] = {} if "CDS_ENV" in os.environ else {"env": "dev"}  # a local tool: dev unless told
     if knowledge_dir is not None:
@@ -56,8 +56,8 @@ def _settings(knowledge_dir: Path | None = None) -> Any:
 
 
 def _knowledge(settings: Any) -> Any:
-    from .errors import ConfigError, KnowledgeError
-    from .knowledge import load_knowledge
+    from ..errors import ConfigError, KnowledgeError
+    from ..knowledge.loader import load_knowledge
 
     try:
         return load_knowledge(settings.knowledge_dir, env=settings.env).with_overrides(settings.silent_rules,
@@ -78,22 +78,24 @@ class Local:
     """The service's screening, in this process (no server, no FHIR server: requests carry their data)."""
 
     def __init__(self, settings: Any, kb: Any) -> None:
-        from .screening import Screening
-        from .security import pseudonym_key
+        from ..knowledge.policy import ClinicalPolicy
+        from ..screening.pipeline import Screening
 
-        self.screening = Screening(kb, settings, pseudonym_key(settings))
+        self.screening = Screening(kb, ClinicalPolicy.from_settings(settings), settings)
         self.settings = settings
 
     async def screen(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         import aiohttp
 
-        from .hooks import validate_request
+        from ..screening.hooks import validate_request
 
         body = validate_request(body)
         async with aiohttp.ClientSession(trust_env=False) as http:  # only for a request that lacks prefetch
             base = (self.settings.public_base_url or "http://127.0.0.1:8080").rstrip("/")  # `make run`s address
-            cards, silent, _ = await self.screening.screen(body, http, base)
-        return cards, silent
+            screened = await self.screening.screen(body, http, base)
+        if screened.refused is not None:
+            raise screened.refused
+        return screened.cards, screened.silent
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -153,7 +155,7 @@ def main() -> None:
 def screen(file: Path, orderable: str, products: tuple[str, ...], hook: str, as_json: bool,
            show_silent: bool) -> None:
     """Screen FILE in this process and print the cards as a clinician reads them."""
-    from .errors import CDSError
+    from ..errors import CDSError
 
     settings = _settings()
     kb = _knowledge(settings)

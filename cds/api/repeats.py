@@ -1,6 +1,6 @@
 """No repeated interruption (issue 16): cards answered with feedback are not shown again at later hooks.
 
-A card's repeat key (`screening.repeat_key`) is the same at every hook for the same patient, rule, orders or
+A card's repeat key (`screening.pipeline.repeat_key`) is the same at every hook for the same patient, rule, orders or
 appointments and evidence. Feedback stores the keys of the cards it answers (`answered_cards`, in the store shared
 by every worker and replica). Each process keeps the keys answered within the memory window in a dict, read from
 the store again at most every `CDS_ANSWERED_CARD_REFRESH_S` (at once after feedback this process received), so a
@@ -18,9 +18,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import metrics
-from .knowledge import KnowledgeBase
-from .store import Store, StoreError
+from .. import metrics
+from ..knowledge.loader import KnowledgeBase
+from ..store import Store, StoreError
 
 log = logging.getLogger("cds")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from datetime import date, timedelta
 from typing import Any
 
-from .knowledge import (
+from ..errors import KnowledgeError
+from ..knowledge.loader import (
     INDICATOR_RANK,
     AllergyLeaf,
     AnyNode,
@@ -25,10 +26,12 @@ from .knowledge import (
     PregnancyUnknownLeaf,
     Rule,
     WeanedLeaf,
+    leaf_use,
 )
+from ..knowledge.policy import ClinicalPolicy
+from ..knowledge.schema import ANY
 from .orders import Order, ingredients_in
 from .record import AllergyFact, Fact, ObservationFact, PatientRecord
-from .settings import Settings
 
 
 class Evidence:
@@ -69,15 +72,15 @@ def worst(levels: list[str]) -> str:
 
 
 class Evaluation:
-    __slots__ = ("kb", "record", "orders", "today", "settings", "findings", "_by_set", "_delivery")
+    __slots__ = ("kb", "record", "orders", "today", "policy", "findings", "_by_set", "_delivery")
 
     def __init__(self, kb: KnowledgeBase, record: PatientRecord, orders: list[Order], today: date,
-                 settings: Settings) -> None:
+                 policy: ClinicalPolicy) -> None:
         self.kb = kb
         self.record = record
         self.orders = orders
         self.today = today
-        self.settings = settings
+        self.policy = policy
         self.findings: dict[str, Finding] = {}
         self._by_set: dict[str, dict[str, list[Any]]] = {}
         self._delivery: tuple[date, Evidence] | None | bool = False  # not looked for yet
@@ -171,7 +174,7 @@ class Evaluation:
             indicator: str = spec.indicator or rule.indicator
             notes = []
             if spec.recent is not None:
-                window = getattr(self.settings, spec.recent.days_setting)
+                window = self.policy.limit(spec.recent.days_setting)
                 since = fact.onset or fact.recorded
                 recent = since is not None and since >= self.today - timedelta(days=window)
                 # An acute code left active for years is a stale record: "acute" decides only when undated.
@@ -229,7 +232,7 @@ class Evaluation:
         return latest
 
     def _observation(self, rule: Rule, spec: ObservationSpec) -> list[Evidence]:
-        latest = self._latest([spec.code, *spec.with_codes], getattr(self.settings, spec.max_age_setting),
+        latest = self._latest([spec.code, *spec.with_codes], self.policy.limit(spec.max_age_setting),
                               spec.ignore_answers)
         if latest is None:
             return []
@@ -378,7 +381,7 @@ class Evaluation:
     def _weaned(self, leaf: WeanedLeaf) -> list[Evidence]:
         spec = leaf.weaned
         kb = self.kb
-        months = self.settings.weaning_wait_months
+        months = self.policy.weaning_wait_months
         cutoff = _months_before(self.today, months)
         found = []
         lactation = kb.vs(spec.conditions)
@@ -412,7 +415,7 @@ class Evaluation:
         if not patient.may_be_pregnant:
             return []
         age = patient.age(self.today)
-        s = self.settings
+        s = self.policy
         if age is not None and not s.childbearing_age_min <= age <= s.childbearing_age_max:
             return []
         window = self.today - timedelta(days=s.pregnancy_status_max_age_days)
@@ -439,7 +442,7 @@ class Evaluation:
         if delivery is None:
             return []
         day, evidence = delivery
-        months = getattr(self.settings, spec.months_setting)
+        months = self.policy.limit(spec.months_setting)
         if day < _months_before(self.today, months):
             return []
         for vs_id in spec.feeding:  # a breastfeeding record since the delivery answers the question
@@ -482,45 +485,38 @@ def _weeks(value: float, unit: str) -> float | None:
     return None
 
 
-ANY = "*"
 Needs = frozenset[tuple[str, str]] | None
+# The leaf kinds `Evaluation._node` evaluates: a rule using any other is refused at start-up (`rule_needs`).
+EVALUATED = (ConditionLeaf, ObservationLeaf, MedicationLeaf, AllergyLeaf, IngredientAllergyLeaf, WeanedLeaf,
+             PregnancyUnknownLeaf, IncompleteLeaf, PostpartumLeaf)
 
 
 def rule_needs(kb: KnowledgeBase) -> dict[str, Needs]:
     """Per rule, what must be in a record for it to find anything: (record kind, value set id) pairs, any one of
     which suffices; None for a rule that can fire on an empty record (pregnancy status unknown fires on absence).
 
-    Each leaf below finds evidence only among the facts named here, so a rule none of whose needs is present
-    returns nothing, and is skipped without being evaluated.
+    Each leaf declares what it reads (`LeafUse.reads`, knowledge/schema.py) and finds evidence only among those
+    facts, so a rule none of whose needs is present returns nothing, and is skipped without being evaluated.
+    KnowledgeError for a leaf that declares nothing or that `Evaluation` does not evaluate: the screening calls
+    this at start-up, so such a rule stops the service instead of being skipped.
     """
     needs = kb.derived.get("rule_needs")
     if needs is None:
-        needs = kb.derived["rule_needs"] = {rule.id: _needs(kb, rule.when) for rule in kb.rules}
+        needs = kb.derived["rule_needs"] = {rule.id: _needs(kb, rule.when, f"rules/{rule.id}.yaml")
+                                            for rule in kb.rules}
     return needs  # type: ignore[no-any-return]
 
 
-def _needs(kb: KnowledgeBase, node: Any) -> Needs:
+def _needs(kb: KnowledgeBase, node: Any, where: str) -> Needs:
     if isinstance(node, AnyNode):
-        parts = [_needs(kb, child) for child in node.any]
+        parts = [_needs(kb, child, where) for child in node.any]
         return None if any(p is None for p in parts) else frozenset().union(*parts)  # type: ignore[arg-type]
-    if isinstance(node, ConditionLeaf):
-        return frozenset({("conditions", kb.vs(node.condition.in_).id)})
-    if isinstance(node, MedicationLeaf):
-        return frozenset({("medications", kb.vs(node.medication.in_).id)})
-    if isinstance(node, AllergyLeaf) or isinstance(node, IngredientAllergyLeaf):
-        return frozenset({("allergies", ANY)})
-    if isinstance(node, WeanedLeaf):
-        return frozenset({("conditions", kb.vs(node.weaned.conditions).id),
-                          ("observations", kb.vs(node.weaned.observation).id)})
-    if isinstance(node, IncompleteLeaf):
-        return frozenset({("unavailable", ANY)})
-    if isinstance(node, ObservationLeaf):
-        return frozenset({("observations", kb.vs(c).id) for c in [node.observation.code, *node.observation.with_codes]})
-    if isinstance(node, PostpartumLeaf):
-        spec = node.postpartum
-        return frozenset({("conditions", kb.vs(spec.deliveries).id), ("conditions", kb.vs(spec.pregnancies).id),
-                          ("observations", kb.vs(spec.due_dates).id)})
-    return None  # PregnancyUnknownLeaf, and any leaf added later until it is described here
+    reads = leaf_use(node, where).reads
+    if not isinstance(node, EVALUATED):
+        raise KnowledgeError(f"{where}: the grammar leaf {type(node).__name__} is not evaluated by the rules")
+    if reads is None:
+        return None
+    return frozenset((kind, name if name == ANY else kb.vs(name).id) for kind, name in reads)
 
 
 def _dedupe(evidence: list[Evidence]) -> list[Evidence]:
@@ -543,5 +539,5 @@ def _months_before(day: date, months: int) -> date:
 
 
 def evaluate(kb: KnowledgeBase, record: PatientRecord, orders: list[Order], today: date,
-             settings: Settings) -> list[Finding]:
-    return Evaluation(kb, record, orders, today, settings).run()
+             policy: ClinicalPolicy) -> list[Finding]:
+    return Evaluation(kb, record, orders, today, policy).run()

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .knowledge import KnowledgeBase
+from ..knowledge.loader import KnowledgeBase
 
 SYSTEMS = {"rxnorm": "http://www.nlm.nih.gov/research/umls/rxnorm", "snomed": "http://snomed.info/sct"}
 STATUS_LOINC = {"82810-3": "pregnancyStatus", "63895-7": "breastfeedingStatus"}

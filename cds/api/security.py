@@ -31,8 +31,8 @@ import yaml
 from jwt import PyJWK, PyJWS
 from jwt.exceptions import PyJWTError
 
-from .errors import NotAuthenticated
-from .fhir import is_loopback
+from ..errors import NotAuthenticated
+from ..fhir.client import is_loopback
 
 log = logging.getLogger("cds.security")
 

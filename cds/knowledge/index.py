@@ -1,6 +1,6 @@
 """Compiled matchers: value sets as code sets and ICD-10-CM prefix tables, negation-aware text search, body sites.
 
-Built once at start-up from cards/ (see `knowledge.load_knowledge`); matching a record is set look-ups and a few
+Built once at start-up from cards/ (see `loader.load_knowledge`); matching a record is set look-ups and a few
 precompiled regular expressions.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .fhirjson import (
+from ..fhir.json import (
     ICD10CM,
     LOINC,
     MEMO_CHARS,
@@ -77,7 +77,7 @@ class TextMatcher:
     def search(self, text: str) -> str | None:
         """`text` when it mentions the pattern outside a negation (and no exclusion applies), else None.
 
-        A text over `fhirjson.text_limit()` characters is matched on its first part only, and never memoised."""
+        A text over `fhir.json.text_limit()` characters is matched on its first part only, and never memoised."""
         if self.pattern is None and self.abbreviations is None:
             return None
         limit = text_limit()

@@ -19,9 +19,9 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 
-from .errors import CDSError, InvalidRequest
-from .knowledge import KnowledgeBase
-from .store import StoreError
+from ..errors import CDSError, InvalidRequest
+from ..knowledge.loader import KnowledgeBase
+from ..store import StoreError
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d1d1f;background:#f6f7f9}

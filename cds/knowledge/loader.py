@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, KnowledgeError
-from .fhirjson import ICD10CM
-from .matching import (
+from ..errors import ConfigError, KnowledgeError
+from ..fhir.json import ICD10CM
+from .index import (
     Match,
     MatchIndex,
     SiteTable,
@@ -30,6 +30,7 @@ from .matching import (
     system_uri,
     union_pattern,
 )
+from .policy import ClinicalPolicy
 from .schema import (
     INDICATOR_RANK,
     SUMMARY_LIMIT,
@@ -37,13 +38,14 @@ from .schema import (
     AnyNode,
     BodySitesFile,
     ConditionLeaf,
-    ConditionSpec,
     IncompleteLeaf,
     Indicator,
     Ingredient,
     IngredientAllergyLeaf,
     IngredientClass,
     IngredientsFile,
+    Leaf,
+    LeafUse,
     MedicationLeaf,
     ObservationLeaf,
     ObservationSpec,
@@ -250,40 +252,21 @@ def _unique(mapping: dict[str, Any], items: list[Any], what: str) -> dict[str, A
     return mapping
 
 
-def _leaf_specs(node: Any) -> Iterable[Any]:
-    """The spec of every leaf under a node (`condition: {...}` -> ConditionSpec)."""
+def leaves(node: Any) -> Iterable[Leaf]:
+    """Every leaf under a node of a rule's `when`."""
     if isinstance(node, AnyNode):
         for child in node.any:
-            yield from _leaf_specs(child)
+            yield from leaves(child)
     else:
-        yield next(iter(node.__dict__.values()))
+        yield node
 
 
-VALUE_SET_FIELDS = ("in_", "code", "answer", "conditions", "observation", "feeding_answers", "weaned_answers",
-                    "no_known", "critical_manifestations", "ignore_answers", "non_immune", "environmental",
-                    "deliveries", "pregnancies", "due_dates")
-VALUE_SET_LISTS = ("not_in", "with_codes", "feeding")
-
-
-def _leaf_valuesets(node: Any) -> Iterable[str]:
-    for spec in _leaf_specs(node):
-        for name, value in spec.__dict__.items():
-            if name in VALUE_SET_FIELDS and isinstance(value, str):
-                yield value
-            elif name in VALUE_SET_LISTS:
-                yield from value
-            elif name == "recent" and value is not None and value.in_:
-                yield value.in_
-
-
-def _leaf_settings(node: Any) -> Iterable[str]:
-    for spec in _leaf_specs(node):
-        if isinstance(spec, ObservationSpec):
-            yield spec.max_age_setting
-        if isinstance(spec, ConditionSpec) and spec.recent:
-            yield spec.recent.days_setting
-        if isinstance(spec, PostpartumSpec):
-            yield spec.months_setting
+def leaf_use(leaf: Leaf, where: str = "a rule") -> LeafUse:
+    """What a leaf declares it uses; KnowledgeError (the service does not start) for a leaf that declares nothing."""
+    try:
+        return leaf.uses()
+    except NotImplementedError as exc:
+        raise KnowledgeError(f"{where}: {exc}; describe it (knowledge/schema.py) before using it") from None
 
 
 # User-visible text names sources as a reader would look them up: never a file name, never the word "seed".
@@ -299,17 +282,17 @@ def _check_visible(where: str, texts: Iterable[str]) -> None:
 
 def _check_rule(rule: Rule, valuesets: dict[str, ValueSet], reasons: dict[str, OverrideReason],
                 by_id: dict[str, Rule]) -> None:
-    from .settings import Settings  # the settings a rule may name are the clinical policy fields
-
     where = f"rules/{rule.id}.yaml"
     _check_visible(where, [rule.title, rule.rationale, rule.advice, rule.extension or "", rule.source.citation,
                            rule.source.quote, *rule.summary.values(), *(s.label for s in rule.suggestions)])
-    for name in _leaf_valuesets(rule.when):
-        if name not in valuesets:
-            raise KnowledgeError(f"{where}: unknown value set {name!r}")
-    for name in _leaf_settings(rule.when):
-        if name not in Settings.model_fields:
-            raise KnowledgeError(f"{where}: unknown setting {name!r}")
+    for leaf in leaves(rule.when):
+        use = leaf_use(leaf, where)
+        for name in use.valuesets:
+            if name not in valuesets:
+                raise KnowledgeError(f"{where}: unknown value set {name!r}")
+        for name in use.policy:
+            if name not in ClinicalPolicy.NAMES:  # the settings a rule may name are the clinical policy's
+                raise KnowledgeError(f"{where}: unknown setting {name!r}")
     for code in rule.override_reasons:
         if code not in reasons:
             raise KnowledgeError(f"{where}: unknown override reason {code!r}")

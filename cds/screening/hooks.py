@@ -9,7 +9,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 SERVED_HOOKS = ("order-select", "order-sign", "patient-view", "appointment-book")
 ORDER_HOOKS = ("order-select", "order-sign")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .errors import InvalidRequest
-from .store import FeedbackEntry
+from ..errors import InvalidRequest
+from ..store import FeedbackEntry
 
 OUTCOMES = ("accepted", "overridden")
 

@@ -5,7 +5,7 @@ A rule's `when` is a closed grammar: each node is a one-key mapping whose key na
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
@@ -220,40 +220,108 @@ class IncompleteSpec(Strict):
     pass
 
 
-class ConditionLeaf(Strict):
+ANY = "*"  # a record kind read whatever its codes (every allergy; any data not obtained)
+
+
+class LeafUse(NamedTuple):
+    """What a grammar leaf reads of the record and which knowledge it names, declared once per leaf kind.
+
+    `reads`: (record kind, value set name or ANY) pairs, any one of which must be in the record for the leaf to
+    find anything (the rules skip a rule none of whose reads is present); None for a leaf that can fire on an
+    empty record (it fires on an absence). `valuesets`: every value set the leaf names (checked at load).
+    `policy`: the clinical policy parameters it names (checked at load against ClinicalPolicy).
+    """
+
+    reads: frozenset[tuple[str, str]] | None
+    valuesets: tuple[str, ...]
+    policy: tuple[str, ...] = ()
+
+
+class Leaf(Strict):
+    """A leaf of the condition grammar. Each kind overrides `uses`; one that does not is refused at start-up."""
+
+    def uses(self) -> LeafUse:
+        raise NotImplementedError(f"the grammar leaf {type(self).__name__} does not declare what it uses")
+
+
+def _named(*names: str | None) -> tuple[str, ...]:
+    return tuple(n for n in names if n)
+
+
+class ConditionLeaf(Leaf):
     condition: ConditionSpec
 
+    def uses(self) -> LeafUse:
+        c, recent = self.condition, self.condition.recent
+        return LeafUse(frozenset({("conditions", c.in_)}), _named(c.in_, *c.not_in, recent.in_ if recent else None),
+                       _named(recent.days_setting if recent else None))
 
-class ObservationLeaf(Strict):
+
+class ObservationLeaf(Leaf):
     observation: ObservationSpec
 
+    def uses(self) -> LeafUse:
+        o = self.observation
+        return LeafUse(frozenset({("observations", c) for c in (o.code, *o.with_codes)}),
+                       _named(o.code, *o.with_codes, o.answer, o.ignore_answers), (o.max_age_setting,))
 
-class MedicationLeaf(Strict):
+
+class MedicationLeaf(Leaf):
     medication: MedicationSpec
 
+    def uses(self) -> LeafUse:
+        return LeafUse(frozenset({("medications", self.medication.in_)}), (self.medication.in_,))
 
-class AllergyLeaf(Strict):
+
+class AllergyLeaf(Leaf):
     allergy: AllergySpec
 
+    def uses(self) -> LeafUse:
+        a = self.allergy
+        return LeafUse(frozenset({("allergies", ANY)}),
+                       _named(a.no_known, a.critical_manifestations, a.non_immune, a.environmental))
 
-class IngredientAllergyLeaf(Strict):
+
+class IngredientAllergyLeaf(Leaf):
     ingredient_allergy: IngredientAllergySpec
 
+    def uses(self) -> LeafUse:
+        return LeafUse(frozenset({("allergies", ANY)}), (self.ingredient_allergy.no_known,))
 
-class WeanedLeaf(Strict):
+
+class WeanedLeaf(Leaf):
     weaned: WeanedSpec
 
+    def uses(self) -> LeafUse:
+        w = self.weaned
+        return LeafUse(frozenset({("conditions", w.conditions), ("observations", w.observation)}),
+                       (w.conditions, w.observation, w.feeding_answers, w.weaned_answers), ("weaning_wait_months",))
 
-class PregnancyUnknownLeaf(Strict):
+
+class PregnancyUnknownLeaf(Leaf):
     pregnancy_status_unknown: PregnancyUnknownSpec
 
+    def uses(self) -> LeafUse:
+        p = self.pregnancy_status_unknown
+        return LeafUse(None, _named(p.conditions, p.observation, *p.with_codes, p.ignore_answers),
+                       ("childbearing_age_min", "childbearing_age_max", "pregnancy_status_max_age_days"))
 
-class IncompleteLeaf(Strict):
+
+class IncompleteLeaf(Leaf):
     screening_incomplete: IncompleteSpec
 
+    def uses(self) -> LeafUse:
+        return LeafUse(frozenset({("unavailable", ANY)}), ())
 
-class PostpartumLeaf(Strict):
+
+class PostpartumLeaf(Leaf):
     postpartum: PostpartumSpec
+
+    def uses(self) -> LeafUse:
+        p = self.postpartum
+        return LeafUse(frozenset({("conditions", p.deliveries), ("conditions", p.pregnancies),
+                                  ("observations", p.due_dates)}),
+                       (p.deliveries, p.pregnancies, p.due_dates, *p.feeding), (p.months_setting,))
 
 
 class AnyNode(Strict):

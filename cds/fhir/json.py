@@ -112,7 +112,7 @@ class Coding(NamedTuple):
 class Coded:
     """A CodeableConcept reduced to its codings and texts (R5 CodeableReference.concept unwrapped).
 
-    `hits` caches which value sets this concept belongs to (filled by `matching.MatchIndex`, with the index that
+    `hits` caches which value sets this concept belongs to (filled by `knowledge.index.MatchIndex`, with the index that
     classified it), so a concept is classified once, however many rules and requests ask. Never mutated
     otherwise: `coded` hands out the same object for the same JSON.
     """

@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from .fhirjson import (
+from ..errors import DataUnavailable
+from ..fhir.json import (
     EMPTY,
     Coded,
     choice,
@@ -25,6 +26,7 @@ from .fhirjson import (
     ref_key,
     status_code,
 )
+from ..fhir.prefetch import LABELS, Gathered
 
 EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
 UNCONFIRMED = {"unconfirmed", "provisional", "differential", "presumed"}
@@ -416,3 +418,53 @@ def _validate(raw: dict[str, Any]) -> str | None:
             # resource whose resourceType is a number); a validator fault is a validation failure, not a crash
             errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
     return errors[0]
+
+
+# resourceType -> (the PatientRecord list its facts go to, its reader)
+READERS: dict[str, tuple[str, Reader]] = {
+    "Condition": ("conditions", read_condition),
+    "AllergyIntolerance": ("allergies", read_allergy),
+    "Observation": ("observations", read_observation),
+    "MedicationRequest": ("medications", read_medication),
+    "MedicationStatement": ("medications", read_medication),
+    "MedicationOrder": ("medications", read_medication),
+}
+
+
+def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str],
+                 relevant: Relevant | None = None) -> PatientRecord:
+    """Read the gathered resources into facts; 412 when the Patient itself could not be obtained.
+
+    With `relevant`, Conditions, Observations and medications whose code no rule looks at are skipped after
+    reading only their code (allergies are always read: every allergy counts).
+    """
+    patients = [r for r in gathered.data.get("patient", []) if r.get("resourceType") == "Patient"]
+    if not patients:
+        kinds = sorted({k for r in gathered.data.get("patient", []) if isinstance(k := r.get("resourceType"), str)
+                        and k.isalnum()})
+        why = gathered.unavailable.get("patient", f"the EHR sent {', '.join(kinds)} where a Patient belongs"
+                                       if kinds else "the EHR sent no data for the patient")
+        raise DataUnavailable(f"The Patient resource could not be obtained: {why}.", expression="prefetch.patient")
+    record = PatientRecord(patient=read_patient(patients[0], patient_id), draft_ids=draft_ids)
+    record.unavailable = {LABELS[k]: why for k, why in gathered.unavailable.items() if k != "patient"}
+    medications = {f"Medication/{r.get('id')}": r for resources in gathered.data.values() for r in resources
+                   if r.get("resourceType") == "Medication"}
+    seen: set[str] = set()
+    for key, resources in gathered.data.items():
+        if key == "patient":
+            continue
+        for raw in resources:
+            rtype = raw.get("resourceType")
+            entry = READERS.get(rtype) if type(rtype) is str else None
+            if entry is None:
+                continue
+            target, read = entry
+            if rid := raw.get("id"):
+                ident = f"{rtype}/{rid}"
+                if ident in seen:
+                    continue
+                seen.add(ident)
+            fact = read(raw, relevant, medications)
+            if fact is not None:
+                getattr(record, target).append(fact)
+    return record

@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
 
-from .errors import DataUnavailable
-from .fhir import (
+from .client import (
     FhirClient,
     FhirError,
     Limits,
@@ -26,19 +25,29 @@ from .fhir import (
     next_link,
     server_allowed,
 )
-from .record import (
-    PatientRecord,
-    Reader,
-    Relevant,
-    read_allergy,
-    read_condition,
-    read_medication,
-    read_observation,
-    read_patient,
-)
-from .settings import Settings
 
 log = logging.getLogger("cds.prefetch")
+
+
+class FhirAccess(Protocol):
+    """What gathering reads of the service's settings (cds.settings.Settings is one)."""
+
+    @property
+    def allowed_fhir_servers(self) -> list[str]: ...
+    @property
+    def loopback_fhir_allowed(self) -> bool: ...
+    @property
+    def anonymous_fhir_allowed(self) -> bool: ...
+    @property
+    def fhir_timeout_s(self) -> float: ...
+    @property
+    def fhir_max_pages(self) -> int: ...
+    @property
+    def fhir_max_bytes(self) -> int: ...
+    @property
+    def fhir_max_entries(self) -> int: ...
+    @property
+    def deadline_s(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,15 +102,6 @@ HOOK_TEMPLATES: dict[str, tuple[Template, ...]] = {hook: planned + TEMPLATES
                                                    for hook, planned in PLANNED_TEMPLATES.items()}
 
 LABELS = {t.key: t.label for t in (*TEMPLATES, PLANNED_ORDERS, APPOINTMENTS)}
-# resourceType -> (the PatientRecord list its facts go to, its reader)
-READERS: dict[str, tuple[str, Reader]] = {
-    "Condition": ("conditions", read_condition),
-    "AllergyIntolerance": ("allergies", read_allergy),
-    "Observation": ("observations", read_observation),
-    "MedicationRequest": ("medications", read_medication),
-    "MedicationStatement": ("medications", read_medication),
-    "MedicationOrder": ("medications", read_medication),
-}
 ABSENT = object()
 
 
@@ -127,7 +127,7 @@ class Gathered:
         self.errors = errors  # FhirError kinds, for the metrics
 
 
-async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSession,
+async def gather(request: dict[str, Any], settings: FhirAccess, http: aiohttp.ClientSession,
                  templates: tuple[Template, ...] = TEMPLATES) -> Gathered:
     """Every template's resources, fetching the ones prefetch did not supply, all under one deadline."""
     context = request["context"]
@@ -176,7 +176,7 @@ async def gather(request: dict[str, Any], settings: Settings, http: aiohttp.Clie
     return Gathered(data, unavailable, set(jobs) - set(unavailable), errors)
 
 
-def _client(request: dict[str, Any], settings: Settings, http: aiohttp.ClientSession,
+def _client(request: dict[str, Any], settings: FhirAccess, http: aiohttp.ClientSession,
             limits: Limits) -> FhirClient | str:
     """A FHIR client for this request, or the reason why the service may not fetch anything."""
     server = request.get("fhirServer")
@@ -240,42 +240,3 @@ async def _run_all(jobs: dict[str, Any], deadline_s: float) -> dict[str, Any]:
         else:
             results[key] = task.result()
     return results
-
-
-def build_record(gathered: Gathered, patient_id: str, draft_ids: set[str],
-                 relevant: Relevant | None = None) -> PatientRecord:
-    """Read the gathered resources into facts; 412 when the Patient itself could not be obtained.
-
-    With `relevant`, Conditions, Observations and medications whose code no rule looks at are skipped after
-    reading only their code (allergies are always read: every allergy counts).
-    """
-    patients = [r for r in gathered.data.get("patient", []) if r.get("resourceType") == "Patient"]
-    if not patients:
-        kinds = sorted({k for r in gathered.data.get("patient", []) if isinstance(k := r.get("resourceType"), str)
-                        and k.isalnum()})
-        why = gathered.unavailable.get("patient", f"the EHR sent {', '.join(kinds)} where a Patient belongs"
-                                       if kinds else "the EHR sent no data for the patient")
-        raise DataUnavailable(f"The Patient resource could not be obtained: {why}.", expression="prefetch.patient")
-    record = PatientRecord(patient=read_patient(patients[0], patient_id), draft_ids=draft_ids)
-    record.unavailable = {LABELS[k]: why for k, why in gathered.unavailable.items() if k != "patient"}
-    medications = {f"Medication/{r.get('id')}": r for resources in gathered.data.values() for r in resources
-                   if r.get("resourceType") == "Medication"}
-    seen: set[str] = set()
-    for key, resources in gathered.data.items():
-        if key == "patient":
-            continue
-        for raw in resources:
-            rtype = raw.get("resourceType")
-            entry = READERS.get(rtype) if type(rtype) is str else None
-            if entry is None:
-                continue
-            target, read = entry
-            if rid := raw.get("id"):
-                ident = f"{rtype}/{rid}"
-                if ident in seen:
-                    continue
-                seen.add(ident)
-            fact = read(raw, relevant, medications)
-            if fact is not None:
-                getattr(record, target).append(fact)
-    return record

@@ -9,9 +9,20 @@ from __future__ import annotations
 from datetime import date, timedelta
 from typing import Any
 
-from .errors import InvalidRequest
-from .fhirjson import MEMO_CHARS, Coded, coded, concept_chars, fold, listed, parse_date, ref_key, reference, text_limit
-from .knowledge import KnowledgeBase, Match, Orderable
+from ..errors import InvalidRequest
+from ..fhir.json import (
+    MEMO_CHARS,
+    Coded,
+    coded,
+    concept_chars,
+    fold,
+    listed,
+    parse_date,
+    ref_key,
+    reference,
+    text_limit,
+)
+from ..knowledge.loader import KnowledgeBase, Match, Orderable
 from .record import medication_code
 
 

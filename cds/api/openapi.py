@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 JSON = "application/json"
 FHIR_JSON = "application/fhir+json"

@@ -12,7 +12,7 @@ from typing import Any
 
 import uuid_utils
 
-from .knowledge import KnowledgeBase, Rule
+from ..knowledge.loader import KnowledgeBase, Rule
 from .orders import Order
 from .record import validate_evidence
 from .rules import Evidence, Finding

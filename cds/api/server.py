@@ -3,7 +3,7 @@
 uvicorn's httptools protocol accepts any number of headers of any size, and a request head that never ends, or a
 connection that never sends one, is held forever (its keep-alive timer only runs between requests). This
 subclass answers 431 to an oversized head and 408 to one that does not arrive within `head_timeout_s`, and
-closes the connection. A body that stops arriving is cut off by the app (`app.read_json`, 408).
+closes the connection. A body that stops arriving is cut off by the app (`deps.read_json`, 408).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .settings import Settings
+from ..settings import Settings
 
 
 class _Refused(Exception):

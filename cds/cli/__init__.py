@@ -1,0 +1,5 @@
+"""The `cds` command line (`cds = "cds.cli:main"`): see main.py."""
+
+from .main import main
+
+__all__ = ["main"]
