@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from . import BUILD, COMPILED, __version__, dashboard, demo, metrics
-from .audit import AuditWriter, prune_forever
+from .store import AuditWriter, prune_forever
 from .errors import (
     CDSError,
     ConfigError,

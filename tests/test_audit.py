@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from cds.audit import AuditWriter
+from cds.store import AuditWriter
 from cds.store import IssuedCard, Store, issued_cards
 
 

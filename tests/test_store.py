@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cds import migrations
+from cds.store import migrations
 from cds.metrics import STORE_ERRORS, render_latest
 from cds.store import (
     FeedbackEntry,

@@ -50,7 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import StaticPool
 
 from . import migrations
-from .metrics import STORE_ERRORS
+from ..metrics import STORE_ERRORS
 
 log = logging.getLogger("cds.store")
 

@@ -23,8 +23,8 @@ from typing import IO, Any
 
 import orjson
 
-from .metrics import AUDIT_BACKLOG, AUDIT_DROPPED
-from .store import FeedbackEntry, IssuedCard, Store, StoreError, StoreUnavailable, UnknownCard
+from ..metrics import AUDIT_BACKLOG, AUDIT_DROPPED
+from .engine import FeedbackEntry, IssuedCard, Store, StoreError, StoreUnavailable, UnknownCard
 
 log = logging.getLogger("cds.audit")
 
