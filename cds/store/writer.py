@@ -17,14 +17,17 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
 from ..metrics import AUDIT_BACKLOG, AUDIT_DROPPED
-from .engine import FeedbackEntry, IssuedCard, Store, StoreError, StoreUnavailable, UnknownCard
+from .cards import IssuedCard
+from .engine import StoreUnavailable, UnknownCard
+from .feedback import FeedbackEntry
+from .store import Store
 
 log = logging.getLogger("cds.audit")
 
@@ -200,20 +203,6 @@ class AuditWriter:
             self._wake.clear()
             await asyncio.sleep(self._interval)  # let a batch gather
             await asyncio.shield(self.flush())  # a shutdown must not cancel a batch half written
-
-
-async def prune_forever(store: Store, retention_days: float, interval_s: float) -> None:
-    """Audit retention: every `interval_s`, delete what was issued more than `retention_days` ago (in small
-    batches: see `Store.prune`). A failing store is logged and tried again at the next interval."""
-    while True:
-        try:
-            removed = await store.prune(datetime.now(UTC) - timedelta(days=retention_days))
-            if removed:
-                log.info("audit retention: %d issued cards older than %g days deleted, with their feedback",
-                         removed, retention_days)
-        except StoreError as exc:
-            log.warning("audit retention: pruning failed (%s); trying again later", type(exc).__name__)
-        await asyncio.sleep(interval_s)
 
 
 class _Spool:
