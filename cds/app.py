@@ -22,7 +22,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from . import BUILD, COMPILED, __version__, dashboard, demo, metrics
-from .store import AuditWriter, prune_forever
 from .errors import (
     CDSError,
     ConfigError,
@@ -43,7 +42,7 @@ from .repeats import AnsweredCards
 from .screening import Screening
 from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym_key
 from .settings import Settings, get_settings
-from .store import Store, StoreError, UnknownCard
+from .store import AuditWriter, Store, StoreError, UnknownCard, prune_forever
 
 SERVICE_ID = LEGACY_SERVICE  # the first service id; EHRs registered against it keep calling it for order hooks
 AUDIT_GRACE_S = 0.3  # feedback naming an unknown card is retried once after this: another worker may be writing it

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from cds.store import AuditWriter
-from cds.store import IssuedCard, Store, issued_cards
+from cds.store import AuditWriter, IssuedCard, Store, issued_cards
 
 
 def card(uuid: str) -> IssuedCard:
