@@ -70,6 +70,7 @@ class Database:
         self._engine = engine
         self.card_writer = card_writer  # SQLite files: a synchronous engine for the issued cards (cards.py)
         self.dialect = engine.dialect.name
+        self.engine_dialect = engine.dialect
         self.insert: Callable[[sa.Table], Any] = (pg_dialect.insert if self.dialect == "postgresql"
                                                   else sqlite_dialect.insert)  # with ON CONFLICT
         self._schema_ready = False  # set once migrations ran (or were run explicitly) in this process
