@@ -45,7 +45,6 @@ from .settings import Settings, get_settings
 from .store import AuditWriter, Store, StoreError, UnknownCard, prune_forever
 
 SERVICE_ID = LEGACY_SERVICE  # the first service id; EHRs registered against it keep calling it for order hooks
-AUDIT_GRACE_S = 0.3  # feedback naming an unknown card is retried once after this: another worker may be writing it
 log = logging.getLogger("cds")
 
 
@@ -287,23 +286,17 @@ def create_app(settings: Settings | None = None) -> CDSApp:
         entries = parse_feedback(await read_json(request, settings.max_body_bytes, settings.http_body_timeout_s))
         audit: AuditWriter = request.app.state.audit
         try:
-            await audit.flush()  # cards this worker issued a moment ago are stored first
-            if audit.pending(entries):  # a card still waiting for the store (an outage): held until it is written
-                audit.hold(entries)
-                for e in entries:
-                    metrics.FEEDBACK.labels(outcome=e.outcome).inc()
-                return FhirJSON({"received": len(entries), "stored": 0, "held": len(entries)})
-            try:
-                stored = await request.app.state.store.record_feedback(entries)
-            except UnknownCard:  # possibly issued by another worker whose batch is still being written
-                await asyncio.sleep(AUDIT_GRACE_S)
-                stored = await request.app.state.store.record_feedback(entries)
+            stored = await audit.record_feedback(entries)  # waits for its cards, whichever worker issued them
         except UnknownCard as exc:
             index = next(i for i, e in enumerate(entries) if e.card_uuid == exc.uuid)
             raise InvalidRequest(f"feedback[{index}].card {exc.uuid!r} is not a card this service issued",
                                  expression=f"feedback[{index}].card") from None
         except StoreError:
             raise ServiceUnavailable("feedback could not be stored; retry later") from None
+        if stored is None:  # a card still waiting for the store (an outage): held until it is written
+            for e in entries:
+                metrics.FEEDBACK.labels(outcome=e.outcome).inc()
+            return FhirJSON({"received": len(entries), "stored": 0, "held": len(entries)})
         for e in entries:
             metrics.FEEDBACK.labels(outcome=e.outcome).inc()
         if request.app.state.answered is not None:
