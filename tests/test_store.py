@@ -600,6 +600,8 @@ def test_database_from_before_alembic_is_stamped_and_upgraded(db_url: str, legac
         engine = create_async_engine(db_url)
         if engine.dialect.name == "sqlite":
             Path(make_url(db_url).database or "").parent.mkdir(parents=True, exist_ok=True)
+            async with engine.connect() as conn:  # the old store ran its SQLite files in WAL mode too
+                await conn.exec_driver_sql("PRAGMA journal_mode = WAL")
         try:
             async with engine.begin() as conn:
                 await conn.run_sync(legacy_runner_schema, legacy)
