@@ -517,6 +517,23 @@ def test_models_and_migrations_agree(db_url: str) -> None:
     run(scenario())
 
 
+def test_database_newer_than_this_release_is_left_as_it_is(db_url: str) -> None:
+    """A rolling upgrade: replicas of a newer release migrated the database first (to a revision this code does
+    not know). This release starts, leaves the schema alone and works against it (migrations are additive)."""
+    async def scenario() -> None:
+        async with await Store.open(db_url) as store:
+            async with store._engine.begin() as conn:
+                await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+        async with await Store.open(db_url) as store:
+            assert await store.schema_version() == 99
+            assert await store.migrate() == 99
+            assert await alembic_revision(store) == "0099"
+            await store.record_cards([card("a")])
+            assert await store.record_feedback([accepted("a")]) == 1
+
+    run(scenario())
+
+
 def legacy_runner_schema(conn: sa.Connection, version: int) -> None:
     """A database as the hand-written runner before alembic (cds/migrations/, v0001..v0005) left it at
     `version`: its DDL, copied here verbatim, and its version table."""
