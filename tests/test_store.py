@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from cds import migrations
 from cds.metrics import STORE_ERRORS, render_latest
 from cds.store import (
     FeedbackEntry,
@@ -30,6 +33,8 @@ from cds.store import (
     feedback,
     issued_cards,
     jwt_replay,
+    metadata,
+    migrations,
 )
 
 import pg
@@ -459,17 +464,204 @@ def test_migrations_upgrade_an_old_schema(db_url: str) -> None:
             assert await store.claim_jti("after-upgrade", time.time() + 60) is True
         async with await Store.open(db_url) as store:  # and opening again is a no-op
             assert await store.migrate() == migrations.LATEST
-            async with store._engine.connect() as conn:
-                applied = (await conn.execute(sa.select(migrations.schema_version.c.version))).scalars().all()
-            assert sorted(applied) == [m.version for m in migrations.MIGRATIONS]
+            assert await alembic_revision(store) == migrations.revision_id(migrations.LATEST)
+            assert await schema_differences(store) == []
 
     run(build_version_1())
     run(upgrade())
 
 
 def test_migrations_are_numbered_without_gaps() -> None:
-    assert [m.version for m in migrations.MIGRATIONS] == list(range(1, migrations.LATEST + 1))
-    assert migrations.LATEST >= 3
+    assert migrations.VERSIONS == list(range(1, migrations.LATEST + 1))
+    assert migrations.LATEST >= 5
+    chain = {r.revision: r.down_revision for r in migrations.script().walk_revisions()}
+    assert chain == {migrations.revision_id(v): (migrations.revision_id(v - 1) if v > 1 else None)
+                     for v in migrations.VERSIONS}
+
+
+async def alembic_revision(store: Store) -> str:
+    async with store._engine.connect() as conn:
+        return str((await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar_one())
+
+
+async def schema_differences(store: Store) -> list[Any]:
+    """What alembic's autogenerate would change to make the database match `cds.store.tables` (nothing, we hope)."""
+    def compare(conn: sa.Connection) -> list[Any]:
+        context = MigrationContext.configure(conn, opts={"compare_type": True,
+                                                         "include_object": migrations.include_object})
+        return list(compare_metadata(context, metadata))
+
+    async with store._engine.connect() as conn:
+        return await conn.run_sync(compare)
+
+
+def test_models_and_migrations_agree(db_url: str) -> None:
+    """Upgrading an empty database to the head revision builds exactly the tables the queries use."""
+    async def scenario() -> None:
+        async with await Store.open(db_url) as store:
+            assert await alembic_revision(store) == migrations.revision_id(migrations.LATEST)
+            assert await schema_differences(store) == []
+            # and the comparison can fail: a column the migrations never added is reported
+            extra = sa.Table("issued_cards", sa.MetaData(), *(sa.Column(c.name, c.type) for c in issued_cards.c),
+                             sa.Column("not_migrated", sa.Text))
+
+            def compare(conn: sa.Connection) -> list[Any]:
+                context = MigrationContext.configure(conn, opts={"include_object": lambda o, n, t, r, c: (
+                    t != "table" or n == "issued_cards") and (t == "table" or t == "column")})
+                return list(compare_metadata(context, extra.metadata))
+
+            async with store._engine.connect() as conn:
+                diff = await conn.run_sync(compare)
+            assert [(d[0], d[3].name) for d in diff if d[0] == "add_column"] == [("add_column", "not_migrated")]
+
+    run(scenario())
+
+
+def test_database_newer_than_this_release_is_left_as_it_is(db_url: str) -> None:
+    """A rolling upgrade: replicas of a newer release migrated the database first (to a revision this code does
+    not know). This release starts, leaves the schema alone and works against it (migrations are additive)."""
+    async def scenario() -> None:
+        async with await Store.open(db_url) as store:
+            async with store._engine.begin() as conn:
+                await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+        async with await Store.open(db_url) as store:
+            assert await store.schema_version() == 99
+            assert await store.migrate() == 99
+            assert await alembic_revision(store) == "0099"
+            await store.record_cards([card("a")])
+            assert await store.record_feedback([accepted("a")]) == 1
+
+    run(scenario())
+
+
+def legacy_runner_schema(conn: sa.Connection, version: int) -> None:
+    """A database as the hand-written runner before alembic (cds/migrations/, v0001..v0005) left it at
+    `version`: its DDL, copied here verbatim, and its version table."""
+    def v1() -> None:
+        md = sa.MetaData()
+        sa.Table("issued_cards", md,
+                 sa.Column("uuid", sa.Text, primary_key=True),
+                 sa.Column("rule_id", sa.Text, nullable=False),
+                 sa.Column("rule_version", sa.Integer, nullable=False),
+                 sa.Column("indicator", sa.String(16), nullable=False),
+                 sa.Column("hook", sa.Text, nullable=False),
+                 sa.Column("hook_instance", sa.Text, nullable=False),
+                 sa.Column("patient_pseudonym", sa.Text),
+                 sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
+                 sa.Column("suggestion_uuids", sa.Text, nullable=False),
+                 sa.Index("ix_issued_cards_rule", "rule_id", "rule_version"),
+                 sa.Index("ix_issued_cards_issued_at", "issued_at"))
+        sa.Table("feedback", md,
+                 sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+                           autoincrement=True),
+                 sa.Column("card_uuid", sa.Text, sa.ForeignKey("issued_cards.uuid"), nullable=False),
+                 sa.Column("outcome", sa.String(16), nullable=False),
+                 sa.Column("accepted_suggestions", sa.Text, nullable=False),
+                 sa.Column("override_reason_system", sa.Text),
+                 sa.Column("override_reason_code", sa.Text),
+                 sa.Column("user_comment", sa.Text),
+                 sa.Column("outcome_timestamp", sa.DateTime(timezone=True), nullable=False),
+                 sa.Column("dedup_key", sa.String(64), nullable=False),
+                 sa.CheckConstraint("outcome IN ('accepted', 'overridden')", name="ck_feedback_outcome"),
+                 sa.UniqueConstraint("dedup_key", name="uq_feedback_dedup_key"),
+                 sa.Index("ix_feedback_card_uuid", "card_uuid"))
+        md.create_all(conn)
+
+    def v2() -> None:
+        md = sa.MetaData()
+        sa.Table("jwt_replay", md, sa.Column("key", sa.Text, primary_key=True),
+                 sa.Column("expires_at", sa.Double, nullable=False),
+                 sa.Index("ix_jwt_replay_expires_at", "expires_at"))
+        md.create_all(conn)
+
+    def v3() -> None:
+        column_type = sa.DateTime(timezone=True).compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE feedback ADD COLUMN received_at {column_type}"))
+        conn.execute(sa.text("UPDATE feedback SET received_at = outcome_timestamp WHERE received_at IS NULL"))
+
+    def v4() -> None:
+        conn.execute(sa.text("ALTER TABLE issued_cards ADD COLUMN repeat_key TEXT"))
+        md = sa.MetaData()
+        sa.Table("answered_cards", md, sa.Column("repeat_key", sa.Text, primary_key=True),
+                 sa.Column("answered_at", sa.DateTime(timezone=True), nullable=False),
+                 sa.Index("ix_answered_cards_answered_at", "answered_at"))
+        sa.Table("suppressed_cards", md,
+                 sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+                           autoincrement=True),
+                 sa.Column("rule_id", sa.Text, nullable=False),
+                 sa.Column("rule_version", sa.Integer, nullable=False),
+                 sa.Column("hook", sa.Text, nullable=False),
+                 sa.Column("suppressed_at", sa.DateTime(timezone=True), nullable=False),
+                 sa.Index("ix_suppressed_cards_rule", "rule_id", "rule_version"))
+        md.create_all(conn)
+
+    def v5() -> None:
+        false = "false" if conn.dialect.name == "postgresql" else "0"
+        conn.execute(sa.text(f"ALTER TABLE issued_cards ADD COLUMN silent BOOLEAN NOT NULL DEFAULT {false}"))
+
+    versions = sa.Table("cds_schema_version", sa.MetaData(),
+                        sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+                        sa.Column("description", sa.Text, nullable=False),
+                        sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False))
+    versions.create(conn)
+    for number, step in enumerate((v1, v2, v3, v4, v5)[:version], start=1):
+        step()
+        conn.execute(sa.insert(versions).values(version=number, description=f"v{number}", applied_at=T0))
+
+
+@pytest.mark.parametrize("legacy", [1, 3, 5])
+def test_database_from_before_alembic_is_stamped_and_upgraded(db_url: str, legacy: int) -> None:
+    """A database the old hand-written runner created (its `cds_schema_version` table, no alembic table) is
+    stamped at the equivalent revision and upgraded from there, by several stores opening it at once."""
+    async def build() -> None:
+        engine = create_async_engine(db_url)
+        if engine.dialect.name == "sqlite":
+            Path(make_url(db_url).database or "").parent.mkdir(parents=True, exist_ok=True)
+            async with engine.connect() as conn:  # the old store ran its SQLite files in WAL mode too
+                await conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(legacy_runner_schema, legacy)
+                stamp = T0 if conn.dialect.name == "postgresql" else T0.replace(tzinfo=None)
+                await conn.execute(sa.text(
+                    "INSERT INTO issued_cards (uuid, rule_id, rule_version, indicator, hook, hook_instance, "
+                    "issued_at, suggestion_uuids) VALUES ('old0', 'pregnancy', 2, 'critical', 'order-sign', 'h', "
+                    ":at, '[]')"), {"at": stamp})
+                entry = overridden("old0", "negative-pregnancy-test")
+                received = ", received_at" if legacy >= 3 else ""
+                await conn.execute(sa.text(
+                    "INSERT INTO feedback (card_uuid, outcome, accepted_suggestions, override_reason_system, "
+                    f"override_reason_code, outcome_timestamp, dedup_key{received}) VALUES ('old0', 'overridden', "
+                    f"'[]', :system, 'negative-pregnancy-test', :at, :key{', :at' if received else ''})"),
+                    {"system": entry.override_reason_system, "at": stamp, "key": entry.dedup_key()})
+        finally:
+            await engine.dispose()
+
+    async def upgrade() -> None:
+        stores = await asyncio.gather(*(Store.open(db_url) for _ in range(4)))  # workers starting together
+        try:
+            store = stores[0]
+            assert await store.schema_version() == migrations.LATEST
+            assert await alembic_revision(store) == migrations.revision_id(migrations.LATEST)
+            assert await schema_differences(store) == []
+            async with store._engine.connect() as conn:
+                legacy_rows = (await conn.execute(sa.text("SELECT max(version) FROM cds_schema_version"))).scalar()
+                assert legacy_rows == legacy  # the old table is left as it was (see cds/store/migrations)
+                received = (await conn.execute(sa.select(feedback.c.received_at))).scalar_one()
+                assert received == T0  # backfilled from the outcome time, or as written
+            assert await store.summary() == {"rules": [
+                {"rule": "pregnancy", "version": "2", "issued": 1, "silent": 0, "accepted": 0, "overridden": 1,
+                 "override_reasons": {"negative-pregnancy-test": 1}, "suppressed": 0}]}
+            assert await store.record_feedback([overridden("old0", "negative-pregnancy-test")]) == 0  # deduplicated
+            await store.record_cards([card("new", repeat_key="rk-new", silent=False)])
+            assert await store.record_feedback([accepted("new")]) == 1
+            assert await store.claim_jti("after-upgrade", time.time() + 60) is True
+        finally:
+            for s in stores:
+                await s.close()
+
+    run(build())
+    run(upgrade())
 
 
 # ---------------------------------------------------------------------------------------------------- outage

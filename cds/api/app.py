@@ -22,14 +22,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import BUILD, __version__, metrics
-from ..audit import AuditWriter, prune_forever
 from ..errors import CDSError, ConfigError
 from ..fhir.json import set_text_limit
 from ..knowledge.loader import load_knowledge
 from ..knowledge.policy import ClinicalPolicy
 from ..screening.pipeline import Screening
 from ..settings import Settings, get_settings
-from ..store import Store, StoreError
+from ..store import AuditWriter, Store, StoreError, prune_forever
 from . import dashboard, demo, feedback, hooks, knowledge, ops
 from .deps import BaseUrl, client_claims
 from .repeats import AnsweredCards

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .. import metrics
-from ..audit import AuditWriter
 from ..errors import InvalidRequest, ServiceNotFound, ServiceUnavailable
 from ..screening.hooks import SERVICE_HOOKS
-from ..store import StoreError, UnknownCard
+from ..store import AuditWriter, StoreError, UnknownCard
 from .deps import Client, read_json
 from .feedback_body import parse_feedback
 from .responses import FhirJSON
-
-AUDIT_GRACE_S = 0.3  # feedback naming an unknown card is retried once after this: another worker may be writing it
 
 
 def add_routes(app: FastAPI, max_body_bytes: int, body_timeout_s: float) -> None:
@@ -29,23 +24,17 @@ def add_routes(app: FastAPI, max_body_bytes: int, body_timeout_s: float) -> None
         entries = parse_feedback(await read_json(request, max_body_bytes, body_timeout_s))
         audit: AuditWriter = request.app.state.audit
         try:
-            await audit.flush()  # cards this worker issued a moment ago are stored first
-            if audit.pending(entries):  # a card still waiting for the store (an outage): held until it is written
-                audit.hold(entries)
-                for e in entries:
-                    metrics.FEEDBACK.labels(outcome=e.outcome).inc()
-                return FhirJSON({"received": len(entries), "stored": 0, "held": len(entries)})
-            try:
-                stored = await request.app.state.store.record_feedback(entries)
-            except UnknownCard:  # possibly issued by another worker whose batch is still being written
-                await asyncio.sleep(AUDIT_GRACE_S)
-                stored = await request.app.state.store.record_feedback(entries)
+            stored = await audit.record_feedback(entries)  # waits for its cards, whichever worker issued them
         except UnknownCard as exc:
             index = next(i for i, e in enumerate(entries) if e.card_uuid == exc.uuid)
             raise InvalidRequest(f"feedback[{index}].card {exc.uuid!r} is not a card this service issued",
                                  expression=f"feedback[{index}].card") from None
         except StoreError:
             raise ServiceUnavailable("feedback could not be stored; retry later") from None
+        if stored is None:  # a card still waiting for the store (an outage): held until it is written
+            for e in entries:
+                metrics.FEEDBACK.labels(outcome=e.outcome).inc()
+            return FhirJSON({"received": len(entries), "stored": 0, "held": len(entries)})
         for e in entries:
             metrics.FEEDBACK.labels(outcome=e.outcome).inc()
         if request.app.state.answered is not None:

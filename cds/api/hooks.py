@@ -11,13 +11,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .. import metrics
-from ..audit import AuditWriter
 from ..errors import ServiceNotFound
 from ..fhir.prefetch import HOOK_TEMPLATES
 from ..knowledge.loader import KnowledgeBase
 from ..screening.hooks import SERVED_HOOKS, SERVICE_HOOKS, SERVICES, validate_request
 from ..screening.pipeline import Screened, Screening
-from ..store import IssuedCard
+from ..store import AuditWriter, IssuedCard
 from .deps import BaseUrl, Client, client_claims, read_json
 from .repeats import AnsweredCards
 from .responses import FhirJSON

@@ -5,6 +5,11 @@ is checked against the issued cards, and at shutdown) writes whatever is pending
 stay pending (at most `max_pending`) and are also appended to a local spool file, which a restarted service reads
 back; the writer retries every `retry_s` and writes them when the store returns. Feedback naming a card that is
 still pending is held (memory and spool too) and written after its card.
+
+`record_feedback()` is how feedback reaches the store: the cards this process issued are flushed first; a card
+another worker (or replica) issued may still be in that worker's writer, so a batch naming a card the store does
+not know yet waits for it, polling the store with backoff, and is stored as soon as the card is (or refused as
+naming an unknown card once `card_wait_s` has passed).
 """
 
 from __future__ import annotations
@@ -17,22 +22,27 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from .metrics import AUDIT_BACKLOG, AUDIT_DROPPED
-from .store import FeedbackEntry, IssuedCard, Store, StoreError, StoreUnavailable, UnknownCard
+from ..metrics import AUDIT_BACKLOG, AUDIT_DROPPED
+from .cards import IssuedCard
+from .engine import StoreUnavailable, UnknownCard
+from .feedback import FeedbackEntry
+from .store import Store
 
 log = logging.getLogger("cds.audit")
 
 
 class AuditWriter:
     def __init__(self, store: Store, *, interval_s: float = 0.05, batch_size: int = 500,
-                 max_pending: int = 100_000, retry_s: float = 1.0, spool: Path | None = None) -> None:
+                 max_pending: int = 100_000, retry_s: float = 1.0, spool: Path | None = None,
+                 card_wait_s: float = 1.0) -> None:
         self._store = store
+        self._card_wait = card_wait_s  # 20 writer intervals: another worker's card is stored by then
         self._interval = interval_s
         self._batch = batch_size
         self._max_pending = max_pending
@@ -92,6 +102,34 @@ class AuditWriter:
         if self._spool is not None and self._failed_at:
             self._spool_now()
         self._wake.set()
+
+    async def record_feedback(self, entries: Sequence[FeedbackEntry]) -> int | None:
+        """Store a batch of feedback once the cards it names are stored; returns how many entries were new, or
+        None when it is held (a card this process issued is still waiting for the store: an outage).
+
+        Raises `UnknownCard` when a card is still unknown after `card_wait_s`, `StoreError` when the store fails.
+        """
+        await self.flush()  # cards this process issued a moment ago are stored first
+        if self.pending(entries):
+            self.hold(entries)
+            return None
+        try:
+            return await self._store.record_feedback(entries)
+        except UnknownCard:  # possibly issued by another worker whose batch is not written yet
+            await self._await_cards({e.card_uuid for e in entries})
+        return await self._store.record_feedback(entries)  # all there now, or it names the card still unknown
+
+    async def _await_cards(self, uuids: set[str]) -> None:
+        """Poll the store (reads: no write lock) until it has all these cards or `card_wait_s` has passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._card_wait
+        delay = 0.005
+        while uuids - await self._store.known_cards(uuids):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
 
     async def flush(self) -> None:
         """Write everything submitted so far (waits for a write already under way).
@@ -200,20 +238,6 @@ class AuditWriter:
             self._wake.clear()
             await asyncio.sleep(self._interval)  # let a batch gather
             await asyncio.shield(self.flush())  # a shutdown must not cancel a batch half written
-
-
-async def prune_forever(store: Store, retention_days: float, interval_s: float) -> None:
-    """Audit retention: every `interval_s`, delete what was issued more than `retention_days` ago (in small
-    batches: see `Store.prune`). A failing store is logged and tried again at the next interval."""
-    while True:
-        try:
-            removed = await store.prune(datetime.now(UTC) - timedelta(days=retention_days))
-            if removed:
-                log.info("audit retention: %d issued cards older than %g days deleted, with their feedback",
-                         removed, retention_days)
-        except StoreError as exc:
-            log.warning("audit retention: pruning failed (%s); trying again later", type(exc).__name__)
-        await asyncio.sleep(interval_s)
 
 
 class _Spool:
