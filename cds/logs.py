@@ -120,7 +120,7 @@ def configure_logging(level: str = "INFO", fmt: Literal["json", "text"] = "json"
     """
     # Neither format prints the caller, thread or process: skip collecting them for every record (the logging
     # HOWTO's "Optimization" section). The caller lookup walks the whole ASGI stack.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

@@ -21,7 +21,9 @@ from prometheus_client.exposition import choose_encoder
 
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus (2.x, 3.x) parses
 
-disable_created_metrics()  # no `*_created` series next to every counter and histogram in the text format
+# no `*_created` series next to every counter and histogram in the text format (prometheus_client leaves this
+# function unannotated)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)

@@ -338,9 +338,8 @@ def choice_date(resource: dict[str, Any], prefix: str, *, end: bool = False) -> 
 
 
 def reference(value: Any) -> str | None:
-    if isinstance(value, dict) and isinstance(value.get("reference"), str):
-        return value["reference"]
-    return None
+    ref = value.get("reference") if isinstance(value, dict) else None
+    return ref if isinstance(ref, str) else None
 
 
 def ref_key(ref: str) -> str:

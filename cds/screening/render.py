@@ -103,7 +103,7 @@ def card(finding: Finding, orders: list[Order], kb: KnowledgeBase, base_url: str
     proposed appointments or book a consultation first; patient-view has no draft to change (links, reasons)."""
     rule = finding.rule
     text = _rule_text(kb, rule)
-    summary = rule.summary.get(finding.indicator) or rule.summary[rule.indicator]  # type: ignore[call-overload, index]
+    summary = rule.summary.get(finding.indicator) or rule.summary[rule.indicator]
     suggestions: list[dict[str, Any]] = []
     if hook in ("order-select", "order-sign"):
         suggestions.append(_remove_orders(orders, new_uuid))

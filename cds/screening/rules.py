@@ -29,7 +29,7 @@ from ..knowledge.loader import (
     leaf_use,
 )
 from ..knowledge.policy import ClinicalPolicy
-from ..knowledge.schema import ANY
+from ..knowledge.schema import ANY, Indicator
 from .orders import Order, ingredients_in
 from .record import AllergyFact, Fact, ObservationFact, PatientRecord
 
@@ -44,7 +44,7 @@ class Evidence:
     __slots__ = ("ref", "what", "matched", "status", "when", "indicator", "notes", "raw", "supporting")
 
     def __init__(self, ref: str, what: str, matched: str, status: str = "", when: date | None = None,
-                 indicator: str = "warning", notes: list[str] | None = None, raw: dict[str, Any] | None = None,
+                 indicator: Indicator = "warning", notes: list[str] | None = None, raw: dict[str, Any] | None = None,
                  supporting: bool = False) -> None:
         self.ref = ref
         self.what = what
@@ -60,14 +60,15 @@ class Evidence:
 class Finding:
     __slots__ = ("rule", "indicator", "evidence", "notes")
 
-    def __init__(self, rule: Rule, indicator: str, evidence: list[Evidence], notes: list[str] | None = None) -> None:
+    def __init__(self, rule: Rule, indicator: Indicator, evidence: list[Evidence],
+                 notes: list[str] | None = None) -> None:
         self.rule = rule
         self.indicator = indicator
         self.evidence = evidence
         self.notes: list[str] = notes if notes is not None else []
 
 
-def worst(levels: list[str]) -> str:
+def worst(levels: list[Indicator]) -> Indicator:
     return max(levels, key=INDICATOR_RANK.__getitem__)
 
 
@@ -171,7 +172,7 @@ class Evaluation:
             match = vs.match(fact.code)
             if match is None or any(n.match(fact.code) for n in not_in):
                 continue
-            indicator: str = spec.indicator or rule.indicator
+            indicator: Indicator = spec.indicator or rule.indicator
             notes = []
             if spec.recent is not None:
                 window = self.policy.limit(spec.recent.days_setting)
@@ -192,10 +193,10 @@ class Evaluation:
             found.append(self._evidence(fact, f"{match.by} ({match.what})", indicator, notes))
         return found
 
-    def _site(self, fact: Fact, unknown: str, known: str) -> tuple[str, str] | None:
+    def _site(self, fact: Fact, unknown: Indicator, known: Indicator) -> tuple[Indicator, str] | None:
         sites = self.kb.sites
         lesion = sites.classify(fact.body_site) or sites.classify(fact.code)  # "Laceration of forearm" names it
-        results: list[tuple[str, str]] = []
+        results: list[tuple[Indicator, str]] = []
         for order in self.orders:
             if not lesion or not order.sites:
                 side = "the lesion's site" if not lesion else "the order's treatment site"
@@ -207,7 +208,7 @@ class Evaluation:
             return None  # a lesion elsewhere than every treatment area
         return max(results, key=lambda r: INDICATOR_RANK[r[0]])
 
-    def _evidence(self, fact: Fact, matched: str, indicator: str, notes: list[str]) -> Evidence:
+    def _evidence(self, fact: Fact, matched: str, indicator: Indicator, notes: list[str]) -> Evidence:
         if fact.unconfirmed:
             notes = [*notes, "unconfirmed"]
         return Evidence(ref=fact.ref, what=fact.code.label, matched=matched, status=fact.status_text,
@@ -346,13 +347,13 @@ class Evaluation:
             agent = fact.agent
             allergens = ingredients_in(kb, agent)
             classes = {cid for cid, m in kb.class_text if any(m.search(t) for t in agent.all_texts())}
-            best: tuple[str, str] | None = None
+            best: tuple[Indicator, str] | None = None
             for order in self.orders:
                 for ing in order.ingredients:
                     ingredient = kb.ingredients[ing.id]
                     source = f"{ingredient.display} in {order.ref} (from {ing.source})"
                     if ing.id in allergens:
-                        hit = ("critical", f"allergen matches ordered ingredient {source}")
+                        hit: tuple[Indicator, str] = ("critical", f"allergen matches ordered ingredient {source}")
                     elif allergens.intersection(ingredient.members):  # a group ordered, one member allergen
                         named = sorted(allergens.intersection(ingredient.members))
                         names = ", ".join(kb.ingredients[a].display for a in named)
@@ -392,7 +393,7 @@ class Evaluation:
                                       [f"ended less than {months} months ago"], fact.raw))
         status_vs, yes, no = kb.vs(spec.observation), kb.vs(spec.feeding_answers), kb.vs(spec.weaned_answers)
         series = sorted((o for o in self.members("observations", status_vs.id) if o.when),
-                        key=lambda o: o.when)  # type: ignore[arg-type, return-value]
+                        key=lambda o: o.when)
         last_yes = None
         for i, obs in enumerate(series):
             if yes.match(obs.value) or obs.value_boolean is True:
@@ -400,7 +401,7 @@ class Evaluation:
         if last_yes is not None:
             for obs in series[last_yes + 1:]:
                 if no.match(obs.value) or obs.value_boolean is False:
-                    ended = obs.when.date()  # type: ignore[union-attr]
+                    ended = obs.when.date()
                     if cutoff < ended <= self.today:
                         found.append(Evidence(obs.ref, f"{obs.code.label}: {obs.value.label}",
                                               "first \"not currently breastfeeding\" after breastfeeding",
@@ -504,7 +505,7 @@ def rule_needs(kb: KnowledgeBase) -> dict[str, Needs]:
     if needs is None:
         needs = kb.derived["rule_needs"] = {rule.id: _needs(kb, rule.when, f"rules/{rule.id}.yaml")
                                             for rule in kb.rules}
-    return needs  # type: ignore[no-any-return]
+    return needs
 
 
 def _needs(kb: KnowledgeBase, node: Any, where: str) -> Needs:
