@@ -159,14 +159,15 @@ class FhirServer:
             self._admin = None
         proc, self._proc = self._proc, None
         self.port = None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             with contextlib.suppress(Exception):
                 stream.close()

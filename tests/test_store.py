@@ -308,7 +308,7 @@ def test_killed_process_loses_no_committed_write(db_url: str) -> None:
         assert line.strip() == "done", proc.stderr.read() if proc.stderr else ""
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        proc.communicate(timeout=10)  # reaps it and closes its pipes
 
     async def check() -> None:
         async with await Store.open(db_url) as store:
@@ -391,7 +391,8 @@ def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
+            with p:  # waits for it and closes its pipes
+                pass
 
     distinct = n_cards + workers * n_cards  # shared "accepted" entries + each worker's own "overridden" ones
     assert sum(r["new"] for r in results) == distinct  # each distinct entry inserted by exactly one worker
