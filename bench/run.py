@@ -31,11 +31,11 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import loadgen  # noqa: E402
-import report  # noqa: E402
-import servers  # noqa: E402
-import workloads  # noqa: E402
-from report import say  # noqa: E402
+import loadgen
+import report
+import servers
+import workloads
+from report import say
 
 PATH = "/cds-services/mesotherapy-contraindications"
 TOKEN = "bench-token-3f9a7c"  # the stub's bearer token, sent by the EHR in fhirAuthorization
@@ -182,7 +182,7 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 continue
             try:
                 wl = await bench_workload(name, body, n, started[:2], args, stub if name == "fetch" else None)
-            except Exception as exc:  # report and go on: the benchmark never fails on numbers
+            except Exception as exc:  # noqa: BLE001 - report and go on: the benchmark never fails on numbers
                 wl = {"error": f"{type(exc).__name__}: {exc}"}
             results["workloads"][name] = wl
             report.workload(name, wl)

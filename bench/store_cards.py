@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from cds.store import IssuedCard, Store  # noqa: E402
+from cds.store import IssuedCard, Store
 
 
 def cards(n: int, run: int) -> list[IssuedCard]:

@@ -19,7 +19,7 @@ class JwksServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+            def do_GET(self) -> None:
                 with server._lock:
                     server.hits[self.path] += 1
                     doc = server.documents.get(self.path)

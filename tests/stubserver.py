@@ -69,7 +69,7 @@ class StubFhir:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            def do_GET(self) -> None:
                 stub.requests.append(self.path)
                 kind = self.path.lstrip("/").split("/")[0].split("?")[0]
                 answer = stub.routes.get(kind, Answer())

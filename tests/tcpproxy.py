@@ -6,6 +6,7 @@ again on the same port. Plain helper, no pytest fixture.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
@@ -78,7 +79,5 @@ class TcpProxy:
                     (b if s is a else a).sendall(data)
         except (OSError, ValueError):
             for s in (a, b):
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,10 +20,10 @@ EVERYTHING = {"pregnancy": "critical", "allergy-history": "warning", "bleeding-r
 
 
 @pytest.fixture
-def fhir(fhir_server: FhirServer) -> Iterator[FhirServer]:
+def fhir(fhir_server: FhirServer) -> FhirServer:
     fhir_server.reset()
     fhir_server.load(load_fixture("fhir/patient-fetch.json"))
-    yield fhir_server
+    return fhir_server
 
 
 def hook_request(fhir: FhirServer | None, token: str | None = TOKEN, **prefetch: Any) -> dict[str, Any]:

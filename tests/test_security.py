@@ -141,7 +141,7 @@ def rejected(result: Any, reason: str) -> bool:
 # ---------------------------------------------------------------- happy paths
 
 def test_rs384_token_is_accepted(issuer, keys, server):
-    url, cfg = issuer
+    _, cfg = issuer
     [result] = run(make_settings(cfg), [sign(keys["rsa"], "RS384", "rsa-1")])
     assert result["iss"] == ISS and result["aud"] == AUD
 
@@ -222,7 +222,7 @@ def test_unknown_issuer_is_rejected(issuer, keys, server):
 
 def test_bad_signature_is_rejected(issuer, keys):
     forged = sign(keys["attacker"], "RS384", "rsa-1")
-    head, payload, sig = sign(keys["rsa"], "RS384", "rsa-1").split(".")
+    head, _, sig = sign(keys["rsa"], "RS384", "rsa-1").split(".")
     tampered = ".".join([head, b64(json.dumps(claims(jti="x")).encode()), sig])
     results = run(make_settings(issuer[1]), [forged, tampered])
     assert all(rejected(r, "signature rejected") for r in results)

@@ -189,11 +189,11 @@ def test_invalid_entries_are_refused_before_writing(db_url: str) -> None:
     async def scenario() -> None:
         async with await Store.open(db_url) as store:
             await store.record_cards([card("a")])
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="feedback outcome must be one of"):
                 await store.record_feedback([accepted("a"), FeedbackEntry("a", "maybe", T0)])  # type: ignore[arg-type]
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="timezone-aware"):
                 await store.record_feedback([accepted("a", at=datetime(2026, 3, 1, 9, 30))])  # naive
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="timezone-aware"):
                 await store.record_cards([card("n", issued_at=datetime(2026, 3, 1))])
             assert await count_rows(store, feedback) == 0
             assert await count_rows(store, issued_cards) == 1
@@ -473,7 +473,7 @@ def test_migrations_upgrade_an_old_schema(db_url: str) -> None:
 
 
 def test_migrations_are_numbered_without_gaps() -> None:
-    assert migrations.VERSIONS == list(range(1, migrations.LATEST + 1))
+    assert list(range(1, migrations.LATEST + 1)) == migrations.VERSIONS
     assert migrations.LATEST >= 5
     chain = {r.revision: r.down_revision for r in migrations.script().walk_revisions()}
     assert chain == {migrations.revision_id(v): (migrations.revision_id(v - 1) if v > 1 else None)
@@ -522,9 +522,8 @@ def test_database_newer_than_this_release_is_left_as_it_is(db_url: str) -> None:
     """A rolling upgrade: replicas of a newer release migrated the database first (to a revision this code does
     not know). This release starts, leaves the schema alone and works against it (migrations are additive)."""
     async def scenario() -> None:
-        async with await Store.open(db_url) as store:
-            async with store._engine.begin() as conn:
-                await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+        async with await Store.open(db_url) as store, store._engine.begin() as conn:
+            await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
         async with await Store.open(db_url) as store:
             assert await store.schema_version() == 99
             assert await store.migrate() == 99

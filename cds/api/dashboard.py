@@ -161,7 +161,7 @@ def page(kb: KnowledgeBase, table: list[dict[str, Any]], weeks: list[dict[str, A
     for r in table:
         reasons = "".join(f"<li>{e(_reason(kb, code))} <span class=n>{n}</span></li>"
                           for code, n in r["override_reasons"].items())
-        rate = "–" if r["override_rate"] is None else f"{r['override_rate']:.0%}"
+        rate = "–" if r["override_rate"] is None else f"{r['override_rate']:.0%}"  # noqa: RUF001 - an en dash: no rate
         body_rows.append(
             f'<tr data-rule="{e(r["rule"])}" data-version="{e(r["version"])}">'
             f'<td><a href="../knowledge/{e(r["rule"])}">{e(r["title"])}</a><br><code>{e(r["rule"])}</code></td>'

@@ -408,10 +408,10 @@ class ClientVerifier:
         async with self._locks.setdefault(url, asyncio.Lock()):
             now, interval = self.clock(), self.settings.jwks_refresh_interval_s
             keyset, fetched = self._sets.get(url), False
-            if keyset is None or now - keyset.fetched_at >= self.settings.jwks_cache_s:
-                if now - self._last_failure.get(url, -math.inf) >= interval:
-                    fetched = True
-                    keyset = await self._fetch(url, now) or keyset  # a stale set outlives a failed fetch
+            if (keyset is None or now - keyset.fetched_at >= self.settings.jwks_cache_s) \
+                    and now - self._last_failure.get(url, -math.inf) >= interval:
+                fetched = True
+                keyset = await self._fetch(url, now) or keyset  # a stale set outlives a failed fetch
             if keyset is not None and kid not in keyset.keys and not fetched \
                     and now - self._last_refetch.get(url, -math.inf) >= interval:
                 self._last_refetch[url] = now

@@ -68,7 +68,7 @@ def set_text_limit(chars: int) -> None:
 
 # Letters that Unicode does not decompose into a base letter and a mark: Vietnamese đ, Polish ł, Nordic ø, ...
 _LETTERS = str.maketrans({"đ": "d", "Đ": "D", "ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "ß": "ss", "æ": "ae",
-                          "Æ": "AE", "œ": "oe", "Œ": "OE", "ı": "i", "ħ": "h", "ŧ": "t"})
+                          "Æ": "AE", "œ": "oe", "Œ": "OE", "ı": "i", "ħ": "h", "ŧ": "t"})  # noqa: RUF001 - Turkish dotless i
 
 
 def strip_accents(text: str) -> str:

@@ -226,7 +226,7 @@ async def _complete(client: FhirClient, bundle: dict[str, Any]) -> list[dict[str
 
 async def _run_all(jobs: dict[str, Any], deadline_s: float) -> dict[str, Any]:
     tasks = {key: asyncio.ensure_future(job) for key, job in jobs.items()}
-    done, pending = await asyncio.wait(tasks.values(), timeout=deadline_s)
+    _, pending = await asyncio.wait(tasks.values(), timeout=deadline_s)
     for task in pending:
         task.cancel()
     results: dict[str, Any] = {}

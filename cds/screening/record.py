@@ -75,9 +75,7 @@ class Fact:
         """Active now: clinicalStatus active (or not recorded) and no abatement already passed."""
         if self.clinical is not None and self.clinical not in CURRENT_CLINICAL and self.clinical != "unknown":
             return False
-        if self.abated and (self.abatement is None or self.abatement <= today):
-            return False
-        return True
+        return not (self.abated and (self.abatement is None or self.abatement <= today))
 
     @property
     def status_text(self) -> str:

@@ -84,7 +84,7 @@ class Evaluation:
         self.policy = policy
         self.findings: dict[str, Finding] = {}
         self._by_set: dict[str, dict[str, list[Any]]] = {}
-        self._delivery: tuple[date, Evidence] | None | bool = False  # not looked for yet
+        self._delivery: tuple[date, Evidence] | bool | None = False  # not looked for yet
 
     def members(self, kind: str, vs_id: str) -> list[Any]:
         """Facts of one kind (conditions, observations, medications) in a value set."""
