@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from rich.console import Console, Group
+from rich.console import Console, Group, JustifyMethod
 from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -448,8 +448,10 @@ def population(directory: Path, orderable: str, products: tuple[str, ...], sampl
         return
     console = Console(highlight=False)
     table = Table(title=f"Alert burden: {screened} patients, order {orderable}")
-    for name, justify in (("topic", "left"), ("indicator", "left"), ("patients", "right"), ("rate", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    headings: tuple[tuple[str, JustifyMethod], ...] = (
+        ("topic", "left"), ("indicator", "left"), ("patients", "right"), ("rate", "right"))
+    for name, justify in headings:
+        table.add_column(name, justify=justify)
     for r in rows:
         table.add_row(r["topic"] + (" (silent)" if r["silent"] else ""),
                       Text(r["indicator"], style=INDICATOR_STYLE[r["indicator"]]), str(r["patients"]),

@@ -7,6 +7,7 @@ Everything is checked strictly at start-up (unknown fields, dangling names, dupl
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -246,8 +247,7 @@ def load_knowledge(directory: Path, *, env: str = "dev") -> KnowledgeBase:
 
 def _unique(mapping: dict[str, Any], items: list[Any], what: str) -> dict[str, Any]:
     if len(mapping) != len(items):
-        seen: set[str] = set()
-        dupes = [i.id for i in items if i.id in seen or seen.add(i.id)]  # type: ignore[func-returns-value]
+        dupes = [key for key, n in Counter(i.id for i in items).items() if n > 1]
         raise KnowledgeError(f"duplicate {what} id(s): {', '.join(sorted(set(dupes)))}")
     return mapping
 

@@ -87,11 +87,11 @@ class _RuleText:
 
 
 def _rule_text(kb: KnowledgeBase, rule: Rule) -> _RuleText:
-    texts = kb.derived.setdefault("rule_text", {})
+    texts: dict[str, _RuleText] = kb.derived.setdefault("rule_text", {})
     found = texts.get(rule.id)
     if found is None:
         found = texts[rule.id] = _RuleText(rule, kb)
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 CONSULTATION = "Consultation before mesotherapy"

@@ -7,7 +7,7 @@ Pure and synchronous: no I/O, no web framework. Each rule yields at most one Fin
 from __future__ import annotations
 
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import KnowledgeError
 from ..knowledge.loader import (
@@ -84,7 +84,7 @@ class Evaluation:
         self.policy = policy
         self.findings: dict[str, Finding] = {}
         self._by_set: dict[str, dict[str, list[Any]]] = {}
-        self._delivery: tuple[date, Evidence] | bool | None = False  # not looked for yet
+        self._delivery: tuple[date, Evidence] | Literal[False] | None = False  # not looked for yet
 
     def members(self, kind: str, vs_id: str) -> list[Any]:
         """Facts of one kind (conditions, observations, medications) in a value set."""
@@ -274,7 +274,7 @@ class Evaluation:
         """The latest delivery in the record: a postpartum or delivery Condition, the end of a pregnancy
         Condition, or an estimated delivery date passed more than the grace days ago. Looked for once."""
         if self._delivery is not False:
-            return self._delivery  # type: ignore[return-value]
+            return self._delivery
         spec = postpartum_spec(self.kb)
         found: tuple[date, Evidence] | None = None
         if spec is not None:
@@ -470,7 +470,8 @@ def postpartum_spec(kb: KnowledgeBase) -> PostpartumSpec | None:
                 elif isinstance(node, PostpartumLeaf):
                     found = node.postpartum
         kb.derived["postpartum_spec"] = found
-    return kb.derived["postpartum_spec"]  # type: ignore[no-any-return]
+    spec: PostpartumSpec | None = kb.derived["postpartum_spec"]
+    return spec
 
 
 DUE_DATE_GRACE_DAYS = 14  # an estimated delivery date passed by less than this: the pregnancy may go on
@@ -511,7 +512,8 @@ def rule_needs(kb: KnowledgeBase) -> dict[str, Needs]:
 def _needs(kb: KnowledgeBase, node: Any, where: str) -> Needs:
     if isinstance(node, AnyNode):
         parts = [_needs(kb, child, where) for child in node.any]
-        return None if any(p is None for p in parts) else frozenset().union(*parts)  # type: ignore[arg-type]
+        known = [p for p in parts if p is not None]
+        return None if len(known) < len(parts) else frozenset().union(*known)
     reads = leaf_use(node, where).reads
     if not isinstance(node, EVALUATED):
         raise KnowledgeError(f"{where}: the grammar leaf {type(node).__name__} is not evaluated by the rules")
