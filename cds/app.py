@@ -33,13 +33,13 @@ from .errors import (
     RequestTimeout,
     ServiceNotFound,
 )
-from .feedback import parse_feedback
 from .fhirjson import set_text_limit
-from .hooks import LEGACY_SERVICE, SERVED_HOOKS, SERVICE_HOOKS, SERVICES, validate_request
+from .hooks import LEGACY_SERVICE, SERVED_HOOKS, SERVICE_HOOKS, SERVICES
 from .knowledge import KnowledgeBase, load_knowledge
 from .openapi import document
 from .prefetch import HOOK_TEMPLATES
 from .repeats import AnsweredCards
+from .requests import parse_feedback, validate_request
 from .screening import Screening
 from .security import ClientVerifier, FallbackReplayCache, check_production_settings, pseudonym_key
 from .settings import Settings, get_settings

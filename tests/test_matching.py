@@ -69,9 +69,9 @@ def test_rules_skipped_for_lack_of_data_would_have_found_nothing() -> None:
 
     from cds.errors import CDSError
     from cds.fhir import entries
-    from cds.hooks import validate_request
     from cds.orders import draft_resources, find_mesotherapy
     from cds.prefetch import Gathered, build_record
+    from cds.requests import validate_request
     from cds.rules import Evaluation, rule_needs
     from cds.settings import Settings
 
