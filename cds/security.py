@@ -117,13 +117,13 @@ def _inline_jwks(value: Any) -> dict[str, dict[str, Any]]:
 _Url = Annotated[str, AfterValidator(_http_url)]
 
 
-@with_config(ConfigDict(extra="forbid"))  # lax only where a JSON/YAML list becomes a tuple
+@with_config(ConfigDict(strict=True, extra="forbid"))
 class _IssuerEntry(TypedDict, total=False):
     """One issuer in CDS_TRUSTED_ISSUERS; for jku and tenants a string stands for a list of one."""
 
     jwks_url: _Url | None
-    jku: Annotated[tuple[_Url, ...], BeforeValidator(_one_or_more)]
-    tenants: Annotated[tuple[Annotated[str, StringConstraints(min_length=1)], ...], BeforeValidator(_one_or_more)]
+    jku: Annotated[list[_Url], BeforeValidator(_one_or_more)]
+    tenants: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], BeforeValidator(_one_or_more)]
     jwks: Annotated[dict[str, dict[str, Any]], PlainValidator(_inline_jwks)]  # indexed by kid
 
 
@@ -155,7 +155,7 @@ def _issuer(issuer: str, entry: _IssuerEntry) -> IssuerConfig:
         raise ValueError(f"trusted issuer {issuer!r}: inline jwks holds no usable RSA/EC key with a kid")
     if not (jwks_url or entry.get("jku") or inline):
         raise ValueError(f"trusted issuer {issuer!r}: needs a jwks_url, a jku list or an inline jwks")
-    return IssuerConfig(issuer, jwks_url, entry.get("jku", ()), entry.get("tenants", ()), inline)
+    return IssuerConfig(issuer, jwks_url, tuple(entry.get("jku", ())), tuple(entry.get("tenants", ())), inline)
 
 
 def parse_trusted_issuers(value: str | None) -> dict[str, IssuerConfig]:
