@@ -37,6 +37,8 @@ from .errors import InvalidRequest
 from .hooks import SERVED_HOOKS
 from .store import FeedbackEntry
 
+# On each request validated; the TypedDicts nested in one (context, fhirAuthorization, feedback entries) have no
+# config of their own, so pydantic validates them with this one too.
 _TOLERANT = ConfigDict(strict=True, extra="allow")
 
 # ---------------------------------------------------------------- field types
@@ -85,7 +87,6 @@ Selections = Annotated[list[NonEmpty], Field(min_length=1)]
 # ---------------------------------------------------------------- the hook request (CDS Hooks 2.0)
 
 
-@with_config(_TOLERANT)
 class FhirAuthorization(TypedDict):
     access_token: NonBlank
     token_type: NotRequired[Annotated[str, StringConstraints(pattern=r"(?i)^bearer$")] | None]
@@ -95,7 +96,6 @@ class FhirAuthorization(TypedDict):
     patient: NotRequired[str]
 
 
-@with_config(_TOLERANT)
 class _Context(TypedDict):
     userId: Reference
     patientId: PatientId
@@ -104,32 +104,27 @@ class _Context(TypedDict):
 
 # The order hooks' context (CDS Hooks order-select 1.0, order-sign 1.1): selections is required on order-select;
 # order-sign defines none, so one sent there (or at any other hook) is tolerated but must still be well formed.
-@with_config(_TOLERANT)
 class OrderSelectContext(_Context):
     selections: Selections
     draftOrders: FhirObject
 
 
-@with_config(_TOLERANT)
 class OrderSignContext(_Context):
     selections: NotRequired[Selections | None]
     draftOrders: FhirObject
 
 
-@with_config(_TOLERANT)
 class PatientViewContext(_Context):
     selections: NotRequired[Selections | None]
     draftOrders: NotRequired[FhirObject | None]
 
 
-@with_config(_TOLERANT)
 class AppointmentBookContext(_Context):
     selections: NotRequired[Selections | None]
     draftOrders: NotRequired[FhirObject | None]
     appointments: FhirObject
 
 
-@with_config(_TOLERANT)
 class _Request(TypedDict):
     hook: NonBlank
     hookInstance: Uuid
@@ -195,24 +190,20 @@ _REQUIRED_BY_HOOK = ("context.selections", "context.draftOrders", "context.appoi
 # ---------------------------------------------------------------- the feedback request (CDS Hooks 2.0 feedback)
 
 
-@with_config(_TOLERANT)
 class Coding(TypedDict):
     code: NonEmpty
     system: NotRequired[Any]  # kept when it is a string
 
 
-@with_config(_TOLERANT)
 class OverrideReason(TypedDict):
     reason: NotRequired[Coding | None]
     userComment: NotRequired[str | None]
 
 
-@with_config(_TOLERANT)
 class Suggestion(TypedDict):
     id: NonEmpty
 
 
-@with_config(_TOLERANT)
 class AcceptedFeedback(TypedDict):
     card: NonEmpty
     outcome: Literal["accepted"]
@@ -221,7 +212,6 @@ class AcceptedFeedback(TypedDict):
     outcomeTimestamp: Timestamp
 
 
-@with_config(_TOLERANT)
 class OverriddenFeedback(TypedDict):  # acceptedSuggestions, if sent, is not read
     card: NonEmpty
     outcome: Literal["overridden"]
@@ -262,8 +252,8 @@ def _invalid(exc: ValidationError, fields: Mapping[str, str], tags: frozenset[st
     if kind in ("union_tag_not_found", "union_tag_invalid"):  # the discriminating field is missing or unknown
         loc.append(str(error.get("ctx", {}).get("discriminator", "")).strip("'"))
         kind = "missing" if kind == "union_tag_not_found" else kind
-    path = pattern = ""
-    expression, description, used = None, None, 0
+    path = pattern = description = ""
+    expression, used = None, 0
     for i, step in enumerate(loc):
         if isinstance(step, int):
             path, pattern = f"{path}[{step}]", f"{pattern}[]"
@@ -271,7 +261,7 @@ def _invalid(exc: ValidationError, fields: Mapping[str, str], tags: frozenset[st
             path, pattern = f"{path}.{step}" if path else step, f"{pattern}.{step}" if pattern else step
         if pattern in fields:
             expression, description, used = path, fields[pattern], i + 1
-    if expression is None or description is None:
+    if expression is None:
         return InvalidRequest(root, expression=root_expression)
     if kind == "missing" and used == len(loc):
         also = f" for {hook}" if hook and expression in _REQUIRED_BY_HOOK else ""
@@ -288,7 +278,7 @@ def validate_request(body: Any, served: tuple[str, ...] = SERVED_HOOKS) -> dict[
     hook = body.get("hook") if isinstance(body, dict) else None
     adapter = _REQUESTS[hook] if hook in served else _ANY_HOOK
     try:
-        request = adapter.validate_python(body)
+        request: dict[str, Any] = adapter.validate_python(body)
     except ValidationError as exc:
         raise _invalid(exc, REQUEST_FIELDS, hook=hook if adapter is not _ANY_HOOK else None) from None
     if adapter is _ANY_HOOK:
@@ -296,7 +286,7 @@ def validate_request(body: Any, served: tuple[str, ...] = SERVED_HOOKS) -> dict[
                              expression="hook")
     if request.get("fhirAuthorization") is not None and request.get("fhirServer") is None:
         raise InvalidRequest("fhirAuthorization requires fhirServer", expression="fhirServer")
-    return request  # type: ignore[no-any-return]
+    return request
 
 
 def parse_feedback(body: Any) -> list[FeedbackEntry]:
