@@ -10,7 +10,7 @@ from ..errors import InvalidRequest, ServiceNotFound, ServiceUnavailable
 from ..screening.hooks import SERVICE_HOOKS
 from ..store import AuditWriter, StoreError, UnknownCard
 from .deps import Client, read_json
-from .feedback_body import parse_feedback
+from .requests import parse_feedback
 from .responses import FhirJSON
 
 
