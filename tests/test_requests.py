@@ -1,4 +1,4 @@
-"""The typed boundary in process (cds/api/requests.py): what pydantic accepts, tolerates and names in a 400.
+"""The typed boundary in process (cds/requests.py): what pydantic accepts, tolerates and names in a 400.
 
 The same rules are exercised over HTTP by test_api, test_validation and test_feedback; these tests pin what is new:
 the expression comes from the pydantic error's `loc` (nested feedback fields, array indices), every described
@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import typing_extensions
 
-from cds.api import requests
+from cds import requests
 from cds.errors import InvalidRequest
-from cds.api.requests import FEEDBACK_FIELDS, REQUEST_FIELDS, parse_feedback, validate_request
+from cds.requests import FEEDBACK_FIELDS, REQUEST_FIELDS, parse_feedback, validate_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import workloads  # noqa: E402 - bench/ is not a package

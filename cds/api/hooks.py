@@ -14,12 +14,12 @@ from .. import metrics
 from ..errors import ServiceNotFound
 from ..fhir.prefetch import HOOK_TEMPLATES
 from ..knowledge.loader import KnowledgeBase
+from ..requests import validate_request
 from ..screening.hooks import SERVED_HOOKS, SERVICE_HOOKS, SERVICES
 from ..screening.pipeline import Screened, Screening
 from ..store import AuditWriter, IssuedCard
 from .deps import BaseUrl, Client, client_claims, read_json
 from .repeats import AnsweredCards
-from .requests import validate_request
 from .responses import FhirJSON
 from .security import pseudonym
 

@@ -1,4 +1,4 @@
-"""The hooks this service serves, and its service ids (the request itself is validated in cds/api/requests.py)."""
+"""The hooks this service serves, and its service ids (the request itself is validated in cds/requests.py)."""
 
 from __future__ import annotations
 

@@ -33,9 +33,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict before Python 3.12
 
-from ..errors import InvalidRequest
-from ..screening.hooks import SERVED_HOOKS
-from ..store import FeedbackEntry
+from .errors import InvalidRequest
+from .screening.hooks import SERVED_HOOKS
+from .store import FeedbackEntry
 
 # On each request validated; the TypedDicts nested in one (context, fhirAuthorization, feedback entries) have no
 # config of their own, so pydantic validates them with this one too.
