@@ -14,7 +14,8 @@ from .. import metrics
 from ..errors import ServiceNotFound
 from ..fhir.prefetch import HOOK_TEMPLATES
 from ..knowledge.loader import KnowledgeBase
-from ..screening.hooks import SERVED_HOOKS, SERVICE_HOOKS, SERVICES, validate_request
+from ..requests import validate_request
+from ..screening.hooks import SERVED_HOOKS, SERVICE_HOOKS, SERVICES
 from ..screening.pipeline import Screened, Screening
 from ..store import AuditWriter, IssuedCard
 from .deps import BaseUrl, Client, client_claims, read_json
