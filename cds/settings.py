@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+
 def _root() -> Path:
     """The project directory the defaults below are in: the source checkout this package is in, or else (the
     compiled build in build/compiled, an installed wheel) the working directory. The image sets them all."""
