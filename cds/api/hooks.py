@@ -109,8 +109,8 @@ class HookEndpoint:
             for c in silent:
                 self.silent_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
             audit.submit(issued(self.kb, body, silent, patient, silent=True))
-        # One line per hook call at DEBUG: at INFO it cost a fifth of a typical call (bench/README.md); every card
-        # shown is in the audit store and every call in the metrics. INFO keeps what needs attention.
+        # One line per hook call at DEBUG: at INFO it cost a large share of a typical call (bench/README.md); every
+        # card shown is in the audit store and every call in the metrics. INFO keeps what needs attention.
         log.debug("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
                                           "patient": patient, "cards": len(cards), "silent": len(silent),
                                           "ms": round(elapsed * 1000, 1)})
