@@ -48,8 +48,12 @@ lock: $(BIN)/python
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed chromium
+# The Node FHIR server the tests start, installed again only when its lockfile changes.
+tests/fhir_server/node_modules/.installed: tests/fhir_server/package.json tests/fhir_server/package-lock.json
 	cd tests/fhir_server && (npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error)
+	touch $@
+
+install-test: $(VENV)/.installed tests/fhir_server/node_modules/.installed chromium
 
 # The browser tests drive Debian's chromium through the PyPI playwright package (its own browser download is not
 # used). Installing it needs root (or sudo) and apt; elsewhere install Chromium yourself or set CDS_CHROMIUM.
