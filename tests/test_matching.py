@@ -71,7 +71,7 @@ def test_rules_skipped_for_lack_of_data_would_have_found_nothing() -> None:
     from cds.fhir.client import entries
     from cds.fhir.prefetch import Gathered
     from cds.knowledge.policy import ClinicalPolicy
-    from cds.screening.hooks import validate_request
+    from cds.requests import validate_request
     from cds.screening.orders import draft_resources, find_mesotherapy
     from cds.screening.record import build_record
     from cds.screening.rules import Evaluation, rule_needs
