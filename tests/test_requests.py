@@ -21,7 +21,7 @@ from cds.errors import InvalidRequest
 from cds.requests import FEEDBACK_FIELDS, REQUEST_FIELDS, parse_feedback, validate_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import workloads
+import workloads  # bench/ is not a package
 
 INSTANCE = "0f4c5e1a-8b7d-4c2e-9a31-5d6b7e8f9a01"
 
