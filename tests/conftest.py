@@ -19,6 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
+from cds.knowledge.loader import KnowledgeBase, load_knowledge
+from cds.knowledge.policy import ClinicalPolicy
+from cds.screening.pipeline import Screening
+from cds.settings import Settings
+
 from fhirserver import FhirServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +96,26 @@ def service() -> Iterator[Service]:
 def client(service: Service) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=service.base_url, timeout=10) as c:
         yield c
+
+
+def dev_settings(**overrides: Any) -> Settings:
+    """The settings `make run` gives (CDS_ENV=dev), whatever CDS_ variables the suite's environment has."""
+    return Settings(**{"env": "dev", "log_level": "WARNING", **overrides})
+
+
+@pytest.fixture(scope="session")
+def kb() -> KnowledgeBase:
+    """The knowledge in cards/, as the service loads it in dev."""
+    settings = dev_settings()
+    return load_knowledge(settings.knowledge_dir, env=settings.env).with_overrides(settings.silent_rules,
+                                                                                   settings.active_rules)
+
+
+@pytest.fixture(scope="session")
+def screening(kb: KnowledgeBase) -> Screening:
+    """The screening as the service builds it at start-up (cds/api/app.py), without the service around it."""
+    settings = dev_settings()
+    return Screening(kb, ClinicalPolicy.from_settings(settings), settings)
 
 
 @pytest.fixture(scope="session")
