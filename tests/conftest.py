@@ -1,4 +1,10 @@
-"""Shared fixtures: the real service under uvicorn on 127.0.0.1, and a real FHIR server (Medplum, Node)."""
+"""Shared fixtures: the knowledge and screening in process, the real service under uvicorn on 127.0.0.1, and a real
+FHIR server (Medplum, Node).
+
+The tests mirror cds/ (tests/api, tests/screening, tests/knowledge, tests/fhir, tests/store) and run in process;
+everything under tests/integration/ starts something real (the service as `make run` starts it, the Node FHIR
+server, PostgreSQL, a browser) and is marked `integration` here, so `pytest -m "not integration"` is the fast loop.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,19 @@ from fhirserver import FhirServer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """The async tests (@pytest.mark.anyio) run on asyncio, as the service does."""
+    return "asyncio"
 
 
 def free_port() -> int:

@@ -39,7 +39,7 @@ from cds.store import (
 
 import pg
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 
 

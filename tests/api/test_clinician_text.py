@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from conftest import with_dates
-from test_scenarios import SCENARIOS
+from scenarios import SCENARIOS
 
 INTERNAL = re.compile(r"\bseeds?\b|\b[\w-]+\.(?:txt|ya?ml|json|md|py|html?)\b", re.IGNORECASE)
 SIDE_PANEL_MEDIAN = 700  # characters of detail for the median card (it was 889 before issue 16)

@@ -14,7 +14,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from conftest import load_fixture
-from test_scenarios import assert_no_empty_values
+from scenarios import assert_no_empty_values
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 RESTRICTED_QUERY = re.compile(r"^[A-Z][A-Za-z]+(/\{\{context\.\w+\}\}|\?[\w\-:.]+=[^&]+(&[\w\-:.]+=[^&]+)*)$")

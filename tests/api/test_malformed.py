@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from conftest import load_fixture, with_dates
-from test_scenarios import assert_no_empty_values
+from scenarios import assert_no_empty_values
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 WRONG_SHAPES: list[Any] = [None, 0, -1, 3.5, True, "", "x", "2024-13-45", [], {}, [1], [None], {"a": 1},
