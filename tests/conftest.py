@@ -17,7 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
+from cds.api.app import create_app
+from cds.api.fastpath import with_fast_path
 from cds.knowledge.loader import KnowledgeBase, load_knowledge
 from cds.knowledge.policy import ClinicalPolicy
 from cds.screening.pipeline import Screening
@@ -135,6 +138,23 @@ def screening(kb: KnowledgeBase) -> Screening:
     """The screening as the service builds it at start-up (cds/api/app.py), without the service around it."""
     settings = dev_settings()
     return Screening(kb, ClinicalPolicy.from_settings(settings), settings)
+
+
+@asynccontextmanager
+async def in_process(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app as `python -m cds` serves it (`with_fast_path(create_app(settings))`), started and stopped with its
+    lifespan, behind an httpx client that calls it in process (ASGI, no socket)."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=with_fast_path(app)), base_url="http://testserver", timeout=10) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    """The dev service in process, shared by the session's API tests (as `service` is by the integration tests)."""
+    async with in_process(dev_settings(data_dir=tmp_path_factory.mktemp("cds-data"))) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
-"""The scenario corpus: whole hook requests sent to the running service, and the cards they must produce."""
+"""The scenario corpus, black box: whole hook requests sent to the running service (`python -m cds`, as
+`make run` starts it), and the cards they must produce. The same corpus runs in process, through the screening
+alone, in tests/screening/test_rules.py; this run adds the HTTP layer, the fast path and the fetch path."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -11,30 +12,7 @@ import pytest
 
 import cds
 
-from conftest import FIXTURES, with_dates
-
-SCENARIOS = sorted((FIXTURES / "scenarios").glob("*.json"))
-
-
-def assert_no_empty_values(value: object, path: str = "$") -> None:
-    """CDS Hooks "Use of JSON": no null, "", [] or {} anywhere (the response's own `cards: []` aside)."""
-    assert value not in (None, "", [], {}), f"empty value at {path}"
-    if isinstance(value, dict):
-        for k, v in value.items():
-            assert_no_empty_values(v, f"{path}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            assert_no_empty_values(v, f"{path}[{i}]")
-
-
-def topics(response: httpx.Response) -> dict[str, str]:
-    cards = response.json()["cards"]
-    found: dict[str, str] = {}
-    for card in cards:
-        topic = card["source"]["topic"]["code"]
-        assert topic not in found, f"two cards for topic {topic}"
-        found[topic] = card["indicator"]
-    return found
+from scenarios import SCENARIOS, Scenario, assert_no_empty_values, check_cards, topics
 
 
 def test_the_service_runs_the_build_the_tests_run(client: httpx.Client) -> None:
@@ -50,33 +28,33 @@ FHIR_TOKEN = "fhir-test-token"  # conftest's fhir_server requires it
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 def test_scenario(path: Path, client: httpx.Client, request: pytest.FixtureRequest) -> None:
-    scenario = with_dates(json.loads(path.read_text(encoding="utf-8")))
-    url = scenario.get("path", "/cds-services/mesotherapy-contraindications")
+    scenario = Scenario.load(path)
+    where = f"scenario {scenario.name}"
     fhir = None
-    if "fhir" in scenario:  # the fetch path: the record is on a real FHIR server, not in prefetch
+    if scenario.needs_fhir_server:  # the fetch path: the record is on a real FHIR server, not in prefetch
         fhir = request.getfixturevalue("fhir_server")
         fhir.reset()
-        fhir.load(scenario["fhir"])
-        scenario["request"].update(fhirServer=fhir.base_url, fhirAuthorization={
+        fhir.load(scenario.data["fhir"])
+        scenario.data["request"].update(fhirServer=fhir.base_url, fhirAuthorization={
             "access_token": FHIR_TOKEN, "token_type": "Bearer", "expires_in": 300, "scope": "patient/*.read",
             "subject": "meso-cds"})
-    if "raw_body" in scenario:
-        response = client.post(url, content=scenario["raw_body"].encode(), headers={"Content-Type": "application/json"})
+    if "raw_body" in scenario.data:
+        response = client.post(scenario.path, content=scenario.data["raw_body"].encode(),
+                               headers={"Content-Type": "application/json"})
     else:
-        response = client.post(url, json=scenario["request"])
-    expect = scenario["expect"]
-    assert response.status_code == expect["status"], response.text
-    if expect["status"] != 200:
+        response = client.post(scenario.path, json=scenario.request)
+    assert response.status_code == scenario.status, f"{where}: expected {scenario.status}, got " \
+                                                    f"{response.status_code}: {response.text[:500]}"
+    if scenario.status != 200:
         assert response.json()["resourceType"] == "OperationOutcome"
         return
-    for card in response.json()["cards"]:
-        assert_no_empty_values(card)
-    if expect["cards"] is None:  # only "answers 200 without crashing" is specified
+    for i, card in enumerate(response.json()["cards"]):
+        assert_no_empty_values(card, f"{where}: cards[{i}]")
+    if scenario.acceptable is None:  # only "answers 200 without crashing" is specified
         assert isinstance(response.json()["cards"], list)
         return
-    acceptable = [expect["cards"], *expect.get("alternatives", [])]
-    assert topics(response) in acceptable, json.dumps(response.json(), indent=1)[:3000]
-    if fhir is not None and "reads" in expect:
+    check_cards(scenario, topics(response))
+    if fhir is not None and "reads" in scenario.expect:
         read = {next(part for part in urlsplit(r["path"]).path.split("/") if part[:1].isupper())
                 for r in fhir.requests() if r["method"] == "GET"}
-        assert read <= set(expect["reads"]), read
+        assert read <= set(scenario.expect["reads"]), f"{where}: read {sorted(read)}"
