@@ -61,3 +61,18 @@ def test_negated_and_relative_mentions_do_not_match() -> None:
         assert KB.vs("cancer").match(coded(text)) is None, text
     assert KB.vs("cancer").match(coded("Brustkrebs in der Vorgeschichte")) is not None
     assert KB.vs("pregnancy-conditions").match(coded("Pregnant, 12 weeks")) is not None
+
+
+def test_body_sites_nest_and_the_most_specific_is_named() -> None:
+    sites = KB.sites
+    assert sites.lineage("upper-chest") == {"upper-chest", "chest", "trunk", "body"}
+    assert sites.overlap({"cheek"}, {"head"}) and sites.overlap({"head"}, {"cheek"})
+    assert not sites.overlap({"cheek"}, {"scalp"})
+    assert sites.classify(coded("Mesotherapy of the scalp")) == {"scalp"}
+    assert sites.classify(coded("lower leg and leg")) == {"lower-leg"}  # the leg is implied
+    assert sites.classify(coded("nothing anatomical")) == set()
+
+
+def test_the_orderable_text_matcher_ignores_negated_mentions() -> None:
+    assert KB.orderable_text.search("Mésothérapie visage") == "Mésothérapie visage"
+    assert KB.orderable_text.search("no mesotherapy") is None
