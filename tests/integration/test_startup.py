@@ -1,4 +1,4 @@
-"""`python -m cds` refuses to start, exit 2 with the reason, on invalid knowledge (as `make run` would)."""
+"""`python -m cds` refuses to start, exit 2 with the reason, on invalid knowledge or settings (as `make run` would)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, Service
 
 CARDS = ROOT / "cards"
 
@@ -26,3 +26,11 @@ def test_service_refuses_to_start_on_invalid_knowledge(tmp_path: Path) -> None:
                                  "PORT": "1"})
     assert result.returncode == 2
     assert "no-such-set" in result.stdout + result.stderr
+
+
+def test_an_unknown_rule_in_the_silent_setting_stops_the_start(tmp_path: Path) -> None:
+    svc = Service({"CDS_ENV": "dev", "CDS_SILENT_RULES": "pregnancy,no-such-rule", "CDS_DATA_DIR": str(tmp_path)})
+    result = subprocess.run([sys.executable, "-m", "cds"], cwd=ROOT, env=svc.env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "no-such-rule" in result.stderr + result.stdout
