@@ -3,7 +3,9 @@ FHIR server (Medplum, Node).
 
 The tests mirror cds/ (tests/api, tests/screening, tests/knowledge, tests/fhir, tests/store) and run in process;
 everything under tests/integration/ starts something real (the service as `make run` starts it, the Node FHIR
-server, PostgreSQL, a browser) and is marked `integration` here, so `pytest -m "not integration"` is the fast loop.
+server, PostgreSQL, a browser) and is marked `integration` here; elsewhere the few tests that need such a thing
+carry the marker themselves (the PostgreSQL runs of tests/store, the fetch-path scenarios of tests/screening).
+`pytest -m "not integration"` is the fast loop.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def pg_server() -> pg.PgServer:
     return pg.server()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path}/data/not-yet/cds.sqlite3"  # the directory is created at open
@@ -284,16 +284,17 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration  # a writer process killed mid-flight
 @pytest.mark.anyio
 async def test_killed_process_loses_no_committed_write(db_url: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, db_url], cwd=ROOT, env=_child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.strip() == "done", proc.stderr.read() if proc.stderr else ""
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    with subprocess.Popen([sys.executable, "-c", KILLED_WRITER, db_url], cwd=ROOT, env=_child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:  # closes the pipes
+        try:
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line.strip() == "done", proc.stderr.read() if proc.stderr else ""
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
 
     async with await Store.open(db_url) as store:
         rules = (await store.summary())["rules"]
@@ -344,6 +345,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.integration  # eight writer processes
 @pytest.mark.anyio
 async def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None:
     workers, n_cards, n_keys = 8, 20, 50
@@ -687,6 +689,7 @@ async def test_lazy_open_migrates_on_first_use(db_url: str) -> None:
         assert (await store.summary())["rules"][0]["issued"] == 1
 
 
+@pytest.mark.integration  # PostgreSQL
 @pytest.mark.anyio
 async def test_store_started_while_database_is_down_catches_up(pg_server: pg.PgServer) -> None:
     url = pg_server.new_database_url()  # not created yet: connections fail as if the server were down
