@@ -83,7 +83,7 @@ class Service:
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                out = self.proc.communicate()[0].decode(errors="replace")  # and closes the pipe
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{out}")
             try:
                 if httpx.get(f"{self.base_url}/healthz", timeout=0.5).status_code == 200:

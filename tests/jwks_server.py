@@ -47,7 +47,7 @@ class JwksServer:
         return Response(json.dumps(document), content_type="application/json")
 
     def url(self, path: str) -> str:
-        return self._server.url_for(path)
+        return self.base_url + path
 
     def __enter__(self) -> JwksServer:
         self._server.start()
