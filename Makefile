@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test install install-test chromium screenshots check lint bench clean vocab
+.PHONY: run test test-compiled install install-test build lock chromium screenshots check lint bench clean vocab
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,16 +18,42 @@ $(VENV)/.build-tools: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -r $(VENV)/build-requires.txt
 	touch $@
 
-# Installing also compiles the screening modules with mypyc (setup.py), so a change to cds/ reinstalls.
-$(VENV)/.installed: $(VENV)/.build-tools setup.py $(wildcard cds/*.py cds/*/*.py)
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[test]'
-	$(BIN)/python -c "import cds; print('cds:', cds.BUILD)"
+# The development install: editable and interpreted (setup.py compiles nothing without CDS_COMPILE=1), from the
+# lockfile. It does not depend on the sources, so after an edit `make test` starts testing at once.
+$(VENV)/.installed: $(VENV)/.build-tools setup.py pyproject.toml requirements-dev.lock
+	find cds -name '*.so' -delete; rm -f cds_native__mypyc*.so cds/compiled.json  # builds before this one's layout
+	$(BIN)/python -m pip install --quiet -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# The compiled build (what `make run`, `make bench` and the image run): the wheel setup.py makes with CDS_COMPILE=1
+# (mypyc; a type error fails it), installed into build/compiled and put first on the path. Rebuilt when a source
+# changes; PYTHONSAFEPATH keeps the working directory's sources from shadowing it.
+COMPILED_DIR := build/compiled
+COMPILED_ENV := PYTHONSAFEPATH=1 PYTHONPATH=$(CURDIR)/$(COMPILED_DIR)
+$(COMPILED_DIR)/.built: $(VENV)/.installed setup.py pyproject.toml $(shell find cds -type f -not -name '*.pyc')
+	rm -rf $(COMPILED_DIR) build/wheel
+	CDS_COMPILE=1 $(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w build/wheel .
+	$(BIN)/python -m pip install --quiet --no-deps --target $(COMPILED_DIR) build/wheel/*.whl
+	$(COMPILED_ENV) $(BIN)/python -c "import cds, sys; print('cds:', cds.BUILD); sys.exit(not cds.COMPILED)"
+	touch $@
+
+build: $(COMPILED_DIR)/.built
+
+# Regenerate the lockfiles after a change to pyproject's dependencies (uv, from PyPI).
+lock: $(BIN)/python
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 -q -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 -q -o requirements-dev.lock
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed chromium
+# The Node FHIR server the tests start, installed again only when its lockfile changes.
+tests/fhir_server/node_modules/.installed: tests/fhir_server/package.json tests/fhir_server/package-lock.json
 	cd tests/fhir_server && (npm ci --no-audit --no-fund --loglevel=error || npm install --no-audit --no-fund --loglevel=error)
+	touch $@
+
+install-test: $(VENV)/.installed tests/fhir_server/node_modules/.installed chromium
 
 # The browser tests drive Debian's chromium through the PyPI playwright package (its own browser download is not
 # used). Installing it needs root (or sudo) and apt; elsewhere install Chromium yourself or set CDS_CHROMIUM.
@@ -40,11 +66,18 @@ chromium:
 screenshots: install-test
 	CDS_SCREENSHOTS=docs $(BIN)/python -m pytest tests/integration/test_browser.py -q -k pregnant
 
-run: install
-	CDS_ENV=$${CDS_ENV:-dev} CDS_LOG_FORMAT=$${CDS_LOG_FORMAT:-text} HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m cds
+run: build
+	$(COMPILED_ENV) CDS_ENV=$${CDS_ENV:-dev} CDS_LOG_FORMAT=$${CDS_LOG_FORMAT:-text} HOST=$(HOST) PORT=$(PORT) \
+		$(BIN)/python -m cds
 
+# The whole suite on the interpreted install (it starts at once after an edit), then the clinical suite (tests
+# marked `clinical`, tests/conftest.py) again on the compiled build.
 test: install-test
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-compiled
+
+test-compiled: build install-test
+	$(COMPILED_ENV) CDS_EXPECT_COMPILED=1 $(BIN)/python -m pytest -m clinical -p no:cacheprovider -q
 
 # The layering contracts (pyproject's [tool.importlinter]), lint and type check: CI runs this before `make test`.
 check: $(VENV)/.installed
@@ -54,8 +87,8 @@ check: $(VENV)/.installed
 
 lint: check
 
-bench: install-test  # BENCH_ARGS="--duration 2 --warmup 0.5" for a quick run
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+bench: build install-test  # BENCH_ARGS="--duration 2 --warmup 0.5" for a quick run
+	$(COMPILED_ENV) $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Regenerate the coverage audit's vocabularies (fixtures/vocabularies/README.md): the seeded synthetic population
 # (about an hour of Synthea on two cores), the ICD-10 tabular lists and the VSAC expansions in a checkout of
@@ -71,4 +104,5 @@ vocab: install
 	$(BIN)/python fixtures/vocabularies/apply.py
 
 clean:
-	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache build cds/*.so cds/*/*.so cds_native__mypyc*.so
+	rm -rf $(VENV) tests/fhir_server/node_modules .pytest_cache build cds_native__mypyc*.so
+	find cds -name '*.so' -delete

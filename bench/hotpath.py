@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # the repository first: `cds` is imported from the work tree
+sys.path.insert(0, str(BENCH))  # `cds` as installed: the compiled build under `make bench`, else the work tree
 
 import servers  # noqa: E402
 import workloads  # noqa: E402

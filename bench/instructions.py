@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]
+sys.path.insert(0, str(BENCH))  # `cds` as installed: the compiled build under `make bench`, else the work tree
 
 from report import say  # noqa: E402
 

@@ -76,8 +76,8 @@ class JsonFormatter(logging.Formatter):
     def timestamp(self, created: float) -> str:
         """`created` as ISO 8601 UTC to the millisecond, as `datetime.isoformat` writes it.
 
-        The date and time to the second are formatted once per second: at one line per hook call, building a
-        datetime for every line was a fifth of the cost of logging it.
+        The date and time to the second are formatted once per second: building a datetime for every line was a
+        large part of the cost of logging it (bench/README.md, "Measurements behind the code").
         """
         second = int(created)
         micros = round((created - second) * 1_000_000)  # as datetime.fromtimestamp rounds

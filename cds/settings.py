@@ -10,7 +10,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def _root() -> Path:
+    """The project directory the defaults below are in: the source checkout this package is in, or else (the
+    compiled build in build/compiled, an installed wheel) the working directory. The image sets them all."""
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "cards").is_dir() else Path.cwd()
+
+
+ROOT = _root()
 
 
 def _split_list(value: Any) -> Any:

@@ -42,16 +42,25 @@ FIXTURES = ROOT / "fixtures"
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.is_relative_to(INTEGRATION):
-            item.add_marker(pytest.mark.integration)
-
-
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     """The async tests (@pytest.mark.anyio) run on asyncio, as the service does."""
     return "asyncio"
+
+# The clinical suite: what the screening modules decide, run again on the compiled build (`make test-compiled`).
+CLINICAL_FILES = {"test_scenarios", "test_coverage", "test_text_path", "test_population", "test_clinician_text",
+                  "test_knowledge", "test_matching", "test_index", "test_grammar", "test_validation", "test_malformed",
+                  "test_fetch", "test_build", "test_sandbox_client"}
+CLINICAL_DIRS = {"screening", "knowledge", "fhir"}  # tests/<package>/ mirror cds/<package>/
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.path
+        if path.stem in CLINICAL_FILES or CLINICAL_DIRS & set(path.relative_to(ROOT / "tests").parts[:-1]):
+            item.add_marker(pytest.mark.clinical)
+        if path.is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)
 
 
 def free_port() -> int:
@@ -67,7 +76,7 @@ class Service:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         # the build choice (cds/__init__.py) is the one CDS_ variable the suite's own environment decides
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_") or k == "CDS_INTERPRETED"}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
         self.data_dir = tempfile.mkdtemp(prefix="cds-test-data-")
         self.env.update({"HOST": "127.0.0.1", "PORT": str(self.port), "CDS_LOG_LEVEL": "WARNING",
                          "CDS_DATA_DIR": self.data_dir})

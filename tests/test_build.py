@@ -1,16 +1,17 @@
-"""The compiled build (setup.py, mypyc) and its fallback to interpreted Python (cds/__init__.py).
+"""The build: compiled (the wheel `make build` makes with mypyc) or interpreted (the editable install), decided when
+it is built (setup.py); nothing chooses at run time.
 
-The rest of the suite runs whichever build `cds` chose, which after `make test` is the compiled one; the clinical
-tests are run again here with the interpreted modules, which are what a machine without a C compiler runs.
+`make test` runs the whole suite on the interpreted install, then `make test-compiled` runs the clinical suite
+(these tests included) on the compiled build with CDS_EXPECT_COMPILED=1.
 """
 
 from __future__ import annotations
 
 import ast
 import os
-import shutil
 import subprocess
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -22,16 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPILED = ["cds.fhir.client", "cds.fhir.json", "cds.fhir.prefetch", "cds.knowledge.index", "cds.logs",
             "cds.screening.hooks", "cds.screening.orders", "cds.screening.pipeline", "cds.screening.record",
             "cds.screening.render", "cds.screening.rules"]
-has_build = pytest.mark.skipif(not list(ROOT.glob("cds_native__mypyc*")), reason="no compiled build here")
-
-
-def build_in(tree: Path, *, env: dict[str, str] | None = None) -> list[str]:
-    """Import cds and its compiled modules in a fresh interpreter from `tree`: the build, then each module's file."""
-    code = f"import cds, importlib; print(cds.BUILD); [print(importlib.import_module(m).__file__) " \
-           f"for m in {COMPILED!r}]"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(tree), **(env or {})})
-    return out.stdout.splitlines()
+EXPECT_COMPILED = os.environ.get("CDS_EXPECT_COMPILED") == "1"
 
 
 def test_setup_compiles_the_modules_this_test_expects() -> None:
@@ -41,37 +33,30 @@ def test_setup_compiles_the_modules_this_test_expects() -> None:
     assert lists == [COMPILED]
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the interpreted build is expected")
-def test_the_suite_runs_the_compiled_build() -> None:
-    assert cds.COMPILED, f"{cds.BUILD}; `make test` rebuilds it"
-    from cds.fhir import prefetch
-    from cds.screening import rules
-
-    assert rules.__file__.endswith(".so") and prefetch.__file__.endswith(".so")
+def test_every_compiled_module_exists_as_a_source() -> None:
+    for name in COMPILED:
+        assert ROOT.joinpath(*name.split(".")).with_suffix(".py").is_file(), name
 
 
-@has_build
-def test_a_source_edited_after_the_build_makes_every_module_interpreted(tmp_path: Path) -> None:
-    shutil.copytree(ROOT / "cds", tmp_path / "cds", ignore=shutil.ignore_patterns("__pycache__"))
-    for native in ROOT.glob("cds_native__mypyc*"):
-        shutil.copy2(native, tmp_path)
-    fresh = build_in(tmp_path)
-    assert fresh[0].startswith("compiled") and all(f.endswith(".so") for f in fresh[1:]), fresh
-
-    forced = build_in(tmp_path, env={"CDS_INTERPRETED": "1"})
-    assert forced[0] == "interpreted (CDS_INTERPRETED is set)"
-    assert all(f.endswith(".py") for f in forced[1:]), forced
-
-    edited = tmp_path / "cds" / "screening" / "rules.py"
-    edited.write_text(edited.read_text(encoding="utf-8") + "\n# edited after the build\n", encoding="utf-8")
-    stale = build_in(tmp_path)
-    assert stale[0].startswith("interpreted (the compiled build is not of the current cds.screening.rules"), stale[0]
-    assert all(f.endswith(".py") for f in stale[1:]), stale  # all or none: compiled modules share classes
+def test_this_run_has_the_build_it_expects() -> None:
+    files = [import_module(name).__file__ or "" for name in COMPILED]
+    if EXPECT_COMPILED:  # make test-compiled: every module from the compiled build, none from the sources
+        assert cds.COMPILED and cds.BUILD.startswith("compiled"), cds.BUILD
+        assert all(f.endswith(".so") for f in files), files
+        assert not any(Path(f).is_relative_to(ROOT / "cds") for f in files), files
+    else:  # the editable install: the sources themselves, so an edit is what the next test runs
+        assert not cds.COMPILED and cds.BUILD == "interpreted", cds.BUILD
+        assert all(Path(f).is_relative_to(ROOT / "cds") and f.endswith(".py") for f in files), files
 
 
-def test_the_clinical_tests_pass_with_the_interpreted_modules() -> None:
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/knowledge/test_index.py", "tests/screening", "tests/integration/test_scenarios.py"],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "CDS_INTERPRETED": "1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+def test_the_source_tree_holds_no_compiled_module() -> None:
+    """A compiled module beside its source would be imported instead of it, edits or not."""
+    assert not [p for p in (ROOT / "cds").rglob("*") if p.suffix in (".so", ".pyd")]
+
+
+@pytest.mark.parametrize("command", [["build_ext", "--inplace"], ["develop"]])
+def test_a_compiled_build_beside_the_sources_is_refused(command: list[str]) -> None:
+    run = subprocess.run([sys.executable, "setup.py", *command], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "CDS_COMPILE": "1"}, timeout=60)
+    assert run.returncode != 0
+    assert "never an editable install" in run.stderr

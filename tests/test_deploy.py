@@ -143,7 +143,7 @@ def test_docker_build_context_keeps_what_the_dockerfile_copies() -> None:
         for instruction, args in stage:
             if instruction == "COPY" and "--from=" not in args:
                 sources.update(args.split()[:-1])
-    assert sources == {"pyproject.toml", "setup.py", "cds", "cards"}
+    assert sources == {"requirements.lock", "pyproject.toml", "setup.py", "cds", "cards"}
     assert sources <= kept
     for source in sources:
         assert (ROOT / source).exists()

@@ -1,7 +1,7 @@
 """The hook endpoint answered ahead of the framework: a small pure-ASGI wrapper around the FastAPI app.
 
-Starlette's and FastAPI's layers (their middleware stack, exception middleware, router) cost about as much per
-request as the clinical work of a typical record (bench/README.md). `HookFastPath` sends a POST to a hook path
+Starlette's and FastAPI's layers (their middleware stack, exception middleware, router) cost a large share of a
+typical hook call (bench/README.md, "Measurements behind the code"). `HookFastPath` sends a POST to a hook path
 straight to the hook handler (the same one the router has, cds/api/hooks.py), turning its errors into the same
 answers as the app's exception handlers (responses.error_response); everything else, lifespan included, goes to
 the app. It steps aside, so the app's own route answers, whenever that could differ: a root path, and any

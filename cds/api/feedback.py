@@ -7,10 +7,10 @@ from fastapi.responses import Response
 
 from .. import metrics
 from ..errors import InvalidRequest, ServiceNotFound, ServiceUnavailable
+from ..requests import parse_feedback
 from ..screening.hooks import SERVICE_HOOKS
 from ..store import AuditWriter, StoreError, UnknownCard
 from .deps import Client, read_json
-from .feedback_body import parse_feedback
 from .responses import FhirJSON
 
 

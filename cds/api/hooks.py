@@ -14,7 +14,8 @@ from .. import metrics
 from ..errors import ServiceNotFound
 from ..fhir.prefetch import HOOK_TEMPLATES
 from ..knowledge.loader import KnowledgeBase
-from ..screening.hooks import SERVED_HOOKS, SERVICE_HOOKS, SERVICES, validate_request
+from ..requests import validate_request
+from ..screening.hooks import SERVED_HOOKS, SERVICE_HOOKS, SERVICES
 from ..screening.pipeline import Screened, Screening
 from ..store import AuditWriter, IssuedCard
 from .deps import BaseUrl, Client, client_claims, read_json
@@ -108,8 +109,8 @@ class HookEndpoint:
             for c in silent:
                 self.silent_counters[(c["source"]["topic"]["code"], c["indicator"])].inc()
             audit.submit(issued(self.kb, body, silent, patient, silent=True))
-        # One line per hook call at DEBUG: at INFO it cost a fifth of a typical call (bench/README.md); every card
-        # shown is in the audit store and every call in the metrics. INFO keeps what needs attention.
+        # One line per hook call at DEBUG: at INFO it cost a large share of a typical call (bench/README.md); every
+        # card shown is in the audit store and every call in the metrics. INFO keeps what needs attention.
         log.debug("hook answered", extra={"hookInstance": body["hookInstance"], "hook": body["hook"],
                                           "patient": patient, "cards": len(cards), "silent": len(silent),
                                           "ms": round(elapsed * 1000, 1)})

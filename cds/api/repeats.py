@@ -4,9 +4,9 @@ A card's repeat key (`screening.pipeline.repeat_key`) is the same at every hook 
 appointments and evidence. Feedback stores the keys of the cards it answers (`answered_cards`, in the store shared
 by every worker and replica). Each process keeps the keys answered within the memory window in a dict, read from
 the store again at most every `CDS_ANSWERED_CARD_REFRESH_S` (at once after feedback this process received), so a
-hook call costs no database round trip: at the service's throughput a read per call cost four times the clinical
-work. Between two refreshes another process's answer may not be known yet: the card is then shown once more,
-never hidden on a guess; a store that cannot be read hides nothing it does not already know.
+hook call costs no database round trip: at the service's throughput a read per call cost several times the
+clinical work (bench/README.md). Between two refreshes another process's answer may not be known yet: the card is
+then shown once more, never hidden on a guess; a store that cannot be read hides nothing it does not already know.
 """
 
 from __future__ import annotations

@@ -23,13 +23,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import httpx
 import yaml
 from jwt import PyJWK, PyJWS
 from jwt.exceptions import PyJWTError
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    PlainValidator,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict before Python 3.12
 
 from ..errors import NotAuthenticated
 from ..fhir.client import is_loopback
@@ -42,7 +54,6 @@ ALGORITHMS: dict[str, tuple[str, str | None]] = {
     "ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"),
 }
 _PUBLIC_MEMBERS = {"RSA": ("kty", "n", "e"), "EC": ("kty", "crv", "x", "y")}
-_ISSUER_FIELDS = {"jwks_url", "jku", "tenants", "jwks"}
 _SCHEMES = ("http", "https")
 MAX_TOKEN_CHARS = 8192
 MAX_JWKS_BYTES = 256 * 1024
@@ -62,13 +73,6 @@ class IssuerConfig:
     jku: tuple[str, ...] = ()
     tenants: tuple[str, ...] = ()
     jwks: dict[str, dict[str, Any]] | None = field(default=None, compare=False)  # inline keys, by kid
-
-
-def _url_list(issuer: str, name: str, value: Any) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
-        raise ValueError(f"trusted issuer {issuer!r}: {name!r} must be a string or a list of strings")
-    return tuple(items)
 
 
 def index_jwks(doc: Any) -> dict[str, dict[str, Any]]:
@@ -93,34 +97,65 @@ def index_jwks(doc: Any) -> dict[str, dict[str, Any]]:
     return keys
 
 
-def _issuer(issuer: Any, entry: Any) -> IssuerConfig:
-    if not isinstance(issuer, str) or not issuer:
-        raise ValueError("trusted issuers: every issuer must be a non-empty string")
-    if not isinstance(entry, dict):
-        raise ValueError(f"trusted issuer {issuer!r}: expected an object with jwks_url, jku, tenants or jwks")
-    if unknown := set(entry) - _ISSUER_FIELDS:
-        raise ValueError(f"trusted issuer {issuer!r}: unknown field(s) {sorted(unknown)}; "
-                         f"allowed: {sorted(_ISSUER_FIELDS)}")
-    jwks_url = entry.get("jwks_url")
-    if jwks_url is not None and not (isinstance(jwks_url, str) and urlsplit(jwks_url).scheme in _SCHEMES):
-        raise ValueError(f"trusted issuer {issuer!r}: jwks_url must be an http(s) URL")
-    jku = _url_list(issuer, "jku", entry.get("jku", []))
-    if bad := [u for u in jku if urlsplit(u).scheme not in _SCHEMES]:
-        raise ValueError(f"trusted issuer {issuer!r}: jku entries must be http(s) URLs, not {bad}")
-    tenants = _url_list(issuer, "tenants", entry.get("tenants", []))
-    inline = None
-    if "jwks" in entry:
-        if jwks_url:
-            raise ValueError(f"trusted issuer {issuer!r}: give either an inline jwks or a jwks_url, not both")
-        try:
-            inline = index_jwks(entry["jwks"])
-        except ValueError as exc:
-            raise ValueError(f"trusted issuer {issuer!r}: inline jwks: {exc}") from None
-        if not inline:
-            raise ValueError(f"trusted issuer {issuer!r}: inline jwks holds no usable RSA/EC key with a kid")
-    if not (jwks_url or jku or inline):
+def _http_url(value: str) -> str:
+    if urlsplit(value).scheme not in _SCHEMES:
+        raise ValueError("not http(s)")
+    return value
+
+
+def _one_or_more(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _inline_jwks(value: Any) -> dict[str, dict[str, Any]]:
+    try:
+        return index_jwks(value)
+    except ValueError as exc:
+        raise PydanticCustomError("jwks", "{error}", {"error": str(exc)}) from None
+
+
+_Url = Annotated[str, AfterValidator(_http_url)]
+
+
+@with_config(ConfigDict(strict=True, extra="forbid"))
+class _IssuerEntry(TypedDict, total=False):
+    """One issuer in CDS_TRUSTED_ISSUERS; for jku and tenants a string stands for a list of one."""
+
+    jwks_url: _Url | None
+    jku: Annotated[list[_Url], BeforeValidator(_one_or_more)]
+    tenants: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], BeforeValidator(_one_or_more)]
+    jwks: Annotated[dict[str, dict[str, Any]], PlainValidator(_inline_jwks)]  # indexed by kid
+
+
+_ISSUERS = TypeAdapter(dict[Annotated[str, StringConstraints(min_length=1)], _IssuerEntry])
+_ISSUER_FIELDS = {"jwks_url": "an http(s) URL", "jku": "a string or a list of strings, each an http(s) URL",
+                  "tenants": "a string or a list of strings", "jwks": 'a JWK Set (an object with a "keys" array)'}
+
+
+def _issuer_problem(exc: ValidationError) -> str:
+    """The first problem, named by the pydantic error's loc: (issuer, field, ...)."""
+    errors = exc.errors(include_url=False)
+    loc = errors[0]["loc"]
+    if len(loc) < 2 or loc[1] == "[key]":
+        return ("trusted issuers: expected an object mapping each issuer (a non-empty string) to its configuration"
+                if len(loc) != 1 else f"trusted issuer {loc[0]!r}: expected an object with {', '.join(_ISSUER_FIELDS)}")
+    if errors[0]["type"] == "extra_forbidden":
+        unknown = sorted(str(e["loc"][1]) for e in errors if e["type"] == "extra_forbidden" and e["loc"][0] == loc[0])
+        return f"trusted issuer {loc[0]!r}: unknown field(s) {unknown}; allowed: {sorted(_ISSUER_FIELDS)}"
+    if errors[0]["type"] == "jwks":  # index_jwks says what is wrong with the set
+        return f"trusted issuer {loc[0]!r}: inline jwks: {errors[0]['msg']}"
+    return f"trusted issuer {loc[0]!r}: {loc[1]} must be {_ISSUER_FIELDS[str(loc[1])]}"
+
+
+def _issuer(issuer: str, entry: _IssuerEntry) -> IssuerConfig:
+    jwks_url, inline = entry.get("jwks_url"), entry.get("jwks")
+    if inline is not None and jwks_url:
+        raise ValueError(f"trusted issuer {issuer!r}: give either an inline jwks or a jwks_url, not both")
+    if inline is not None and not inline:
+        raise ValueError(f"trusted issuer {issuer!r}: inline jwks holds no usable RSA/EC key with a kid")
+    if not (jwks_url or entry.get("jku") or inline):
         raise ValueError(f"trusted issuer {issuer!r}: needs a jwks_url, a jku list or an inline jwks")
-    return IssuerConfig(issuer, jwks_url, jku, tenants, inline)
+    return IssuerConfig(issuer, jwks_url, tuple(entry.get("jku", ())), tuple(entry.get("tenants", ())), inline)
 
 
 def parse_trusted_issuers(value: str | None) -> dict[str, IssuerConfig]:
@@ -143,9 +178,11 @@ def parse_trusted_issuers(value: str | None) -> dict[str, IssuerConfig]:
             doc = json.loads(raw) if path.suffix.lower() == ".json" else yaml.safe_load(raw)
         except (OSError, ValueError, yaml.YAMLError) as exc:
             raise ValueError(f"trusted issuers: cannot read {path}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ValueError("trusted issuers: expected an object mapping each issuer to its configuration")
-    return {iss: _issuer(iss, entry) for iss, entry in doc.items()}
+    try:
+        entries = _ISSUERS.validate_python(doc)
+    except ValidationError as exc:
+        raise ValueError(_issuer_problem(exc)) from None
+    return {iss: _issuer(iss, entry) for iss, entry in entries.items()}
 
 
 def _https_or_loopback(url: str) -> bool:

@@ -87,7 +87,7 @@ class Local:
     async def screen(self, body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         import aiohttp
 
-        from ..screening.hooks import validate_request
+        from ..requests import validate_request
 
         body = validate_request(body)
         async with aiohttp.ClientSession(trust_env=False) as http:  # only for a request that lacks prefetch

@@ -1,6 +1,7 @@
 """Tolerant readers for raw FHIR JSON: the few fields the rules need, from R4, R4B, R5 or older shapes.
 
-Full model validation (fhir.resources) costs ~0.4 ms per resource, so the hot path reads plain dicts here
+Full model validation (fhir.resources) costs more per resource than the whole screening of a typical record
+(bench/README.md, "Measurements behind the code"), so the hot path reads plain dicts here
 and validates only the resources that end up as evidence (see `record.validate_evidence`).
 """
 

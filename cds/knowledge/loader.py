@@ -125,7 +125,7 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def _read_yaml(path: Path) -> Any:
     try:
-        # libyaml's parser where present: the generated code lists (thousands of entries) load about 5 times faster
+        # libyaml's parser where present: the generated code lists (thousands of entries) load several times faster
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)  # noqa: S506 - a safe loader
     except (OSError, yaml.YAMLError) as exc:
         raise KnowledgeError(f"{path}: cannot read YAML: {exc}") from exc

@@ -42,7 +42,7 @@ class Fact:
 
     The facts, like the other per-request objects of the compiled modules, are plain classes with an explicit
     `__init__` rather than dataclasses: mypyc compiles an explicit `__init__`, while a dataclass's generated
-    one stays interpreted, about ten times the cost of building the object.
+    one stays interpreted, many times the cost of building the object (bench/README.md).
     """
 
     __slots__ = ("resource_type", "id", "code", "raw", "clinical", "verification", "onset", "abated", "abatement",
@@ -384,9 +384,10 @@ _validated_bytes = 0
 def validate_evidence(raw: dict[str, Any]) -> str | None:
     """Validate one evidence resource against R4 (R4B models), then R5; the problem, if neither accepts it.
 
-    Full validation costs ~0.5 ms a resource, so the outcome is remembered, keyed by the resource's own JSON:
-    the same record comes back at order-select, again as orders are edited, and at order-sign. The JSON itself
-    is the key (no digest, so no collisions), and it is cheaper than hashing it: ~1 us against ~4 us.
+    Full validation costs more than the rest of a hook call, so the outcome is remembered, keyed by the
+    resource's own JSON: the same record comes back at order-select, again as orders are edited, and at
+    order-sign. The JSON itself is the key (no digest, so no collisions), and it is cheaper than hashing it
+    (bench/README.md, "Measurements behind the code").
     """
     global _validated_bytes
     try:

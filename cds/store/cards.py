@@ -5,9 +5,10 @@ the driver's `executemany`, in one transaction: a card uuid recorded again is ig
 Two implementations of `CardSink`, chosen by `card_sink()`:
 
 - `ThreadCardSink` (a SQLite file): a thread of its own, on a connection of its own. Under load the event loop
-  holds the GIL nearly all the time, and a thread waits about 10 ms for it each time it comes back from SQLite:
-  through aiosqlite a batch came back a dozen times or more, and the waiting thread's wake-ups cost the event
-  loop ~40 us of futex calls a request. Here a batch is one call into sqlite3's `executemany` (a loop in C).
+  holds the GIL nearly all the time, and a thread waits for it each time it comes back from SQLite: through
+  aiosqlite a batch came back a dozen times or more, and the waiting thread's wake-ups cost the event loop futex
+  calls on every request (bench/README.md, "Measurements behind the code"). Here a batch is one call into
+  sqlite3's `executemany` (a loop in C).
 - `AsyncCardSink` (PostgreSQL through asyncpg, whose `executemany` pipelines the rows; in-memory SQLite, which has
   a single connection): a write transaction on the store's async engine.
 
@@ -30,7 +31,7 @@ from .engine import Database
 from .tables import issued_cards, utc
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~10 us per card, set by object.__setattr__
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ sets each field by object.__setattr__, slowly
 class IssuedCard:
     uuid: str
     rule_id: str  # the rule's topic code
@@ -62,9 +63,9 @@ class _CardInsert:
     and compiled by SQLAlchemy once, executed unchanged through the driver's `executemany` over tuples in the
     compiled parameter order. Each value goes through its column type's bind processor (the same functions
     SQLAlchemy's own `execute(insert, rows)` calls per row), `issued_at` once per distinct time: the cards of a
-    hook call share theirs. Against `conn.execute(insert, rows)` this saves ~2.5 us of CPU a card (SQLAlchemy's
-    per-row parameter handling): on SQLite, GIL time the writer thread takes from the event loop
-    (bench/store_cards.py)."""
+    hook call share theirs. Against `conn.execute(insert, rows)` this saves SQLAlchemy's per-row parameter
+    handling: on SQLite, GIL time the writer thread takes from the event loop (bench/store_cards.py; bench/README.md,
+    "Measurements behind the code")."""
 
     def __init__(self, db: Database) -> None:
         dialect = db.engine_dialect

@@ -426,6 +426,8 @@ def test_parse_trusted_issuers_inline_json():
     assert cfg.jwks_url == "https://ehr.example.org/jwks.json"
     assert cfg.jku == ("https://ehr.example.org/k2.json",) and cfg.tenants == ("a", "b") and cfg.jwks is None
     assert parse_trusted_issuers(None) == {} and parse_trusted_issuers("  ") == {}
+    one = parse_trusted_issuers('{"x": {"jku": "https://x/k.json", "tenants": "a"}}')["x"]  # a string: a list of one
+    assert one.jku == ("https://x/k.json",) and one.tenants == ("a",)
 
 
 def test_parse_trusted_issuers_yaml_and_json_files(tmp_path, keys):
@@ -453,6 +455,9 @@ def test_parse_trusted_issuers_yaml_and_json_files(tmp_path, keys):
     ('{"x": {"jwks_url": "https://x/jwks", "jwks": {"keys": []}}}', "not both"),
     ('{"x": {"jwks": {"keys": []}}}', "no usable"),
     ('{"x": {"jwks": []}}', '"keys" array'),
+    ('{"x": {"jwks_url": "https://x/jwks", "tenants": [""]}}', "tenants must be a string or a list of strings"),
+    ('{"x": {"jwks_url": "https://x/jwks", "jku": "ftp://x/k"}}', "jku must be a string or a list of strings, each"),
+    ('{"": {"jwks_url": "https://x/jwks"}}', "non-empty string"),
 ])
 def test_parse_trusted_issuers_rejects_bad_config(value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

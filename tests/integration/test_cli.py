@@ -25,7 +25,7 @@ SERVICE = "/cds-services/mesotherapy-contraindications"
 
 
 def cds(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CDS_") or k == "CDS_INTERPRETED"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
     base.update({"COLUMNS": "120", **(env or {})})
     return subprocess.run([str(CDS), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=base)
 

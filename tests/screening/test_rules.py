@@ -22,7 +22,8 @@ from cds.fhir.client import entries
 from cds.fhir.prefetch import Gathered
 from cds.knowledge.loader import KnowledgeBase
 from cds.knowledge.policy import ClinicalPolicy
-from cds.screening.hooks import SERVICE_HOOKS, validate_request
+from cds.requests import validate_request
+from cds.screening.hooks import SERVICE_HOOKS
 from cds.screening.orders import draft_resources, find_mesotherapy
 from cds.screening.pipeline import Screening
 from cds.screening.record import build_record
