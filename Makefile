@@ -64,7 +64,7 @@ chromium:
 
 # Refresh the README's screenshots of the demo EHR page and the review dashboard (docs/*.png).
 screenshots: install-test
-	CDS_SCREENSHOTS=docs $(BIN)/python -m pytest tests/test_browser.py -q -k pregnant
+	CDS_SCREENSHOTS=docs $(BIN)/python -m pytest tests/integration/test_browser.py -q -k pregnant
 
 run: build
 	$(COMPILED_ENV) CDS_ENV=$${CDS_ENV:-dev} CDS_LOG_FORMAT=$${CDS_LOG_FORMAT:-text} HOST=$(HOST) PORT=$(PORT) \

@@ -8,7 +8,7 @@ with a card, for everyone and for women aged 18-50.
     .venv/bin/python bench/population.py            # the table
     .venv/bin/python bench/population.py --samples 5  # and five patients per topic with the evidence
 
-`tests/test_population.py` runs the same screening in `make test` and checks what issue 18 asks of it.
+`tests/screening/test_population.py` runs the same screening in `make test` and checks what issue 18 asks of it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""Shared fixtures: the real service under uvicorn on 127.0.0.1, and a real FHIR server (Medplum, Node)."""
+"""Shared fixtures: the knowledge and screening in process, the real service under uvicorn on 127.0.0.1, and a real
+FHIR server (Medplum, Node).
+
+The tests mirror cds/ (tests/api, tests/screening, tests/knowledge, tests/fhir, tests/store) and run in process;
+everything under tests/integration/ starts something real (the service as `make run` starts it, the Node FHIR
+server, PostgreSQL, a browser) and is marked `integration` here; elsewhere the few tests that need such a thing
+carry the marker themselves (the PostgreSQL runs of tests/store, the fetch-path scenarios of tests/screening).
+`pytest -m "not integration"` is the fast loop.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,10 +28,24 @@ from typing import Any
 import httpx
 import pytest
 
+from cds.api.app import create_app
+from cds.api.fastpath import with_fast_path
+from cds.knowledge.loader import KnowledgeBase, load_knowledge
+from cds.knowledge.policy import ClinicalPolicy
+from cds.screening.pipeline import Screening
+from cds.settings import Settings
+
 from fhirserver import FhirServer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """The async tests (@pytest.mark.anyio) run on asyncio, as the service does."""
+    return "asyncio"
 
 # The clinical suite: what the screening modules decide, run again on the compiled build (`make test-compiled`).
 CLINICAL_FILES = {"test_scenarios", "test_coverage", "test_text_path", "test_population", "test_clinician_text",
@@ -36,6 +59,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         path = item.path
         if path.stem in CLINICAL_FILES or CLINICAL_DIRS & set(path.relative_to(ROOT / "tests").parts[:-1]):
             item.add_marker(pytest.mark.clinical)
+        if path.is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)
 
 
 def free_port() -> int:
@@ -67,7 +92,7 @@ class Service:
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out = self.proc.communicate()[0].decode()  # what it printed; closes the pipe
+                out = self.proc.communicate()[0].decode(errors="replace")  # and closes the pipe
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{out}")
             try:
                 if httpx.get(f"{self.base_url}/healthz", timeout=0.5).status_code == 200:
@@ -103,6 +128,43 @@ def service() -> Iterator[Service]:
 @pytest.fixture
 def client(service: Service) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=service.base_url, timeout=10) as c:
+        yield c
+
+
+def dev_settings(**overrides: Any) -> Settings:
+    """The settings `make run` gives (CDS_ENV=dev), whatever CDS_ variables the suite's environment has."""
+    return Settings(**{"env": "dev", "log_level": "WARNING", **overrides})
+
+
+@pytest.fixture(scope="session")
+def kb() -> KnowledgeBase:
+    """The knowledge in cards/, as the service loads it in dev."""
+    settings = dev_settings()
+    return load_knowledge(settings.knowledge_dir, env=settings.env).with_overrides(settings.silent_rules,
+                                                                                   settings.active_rules)
+
+
+@pytest.fixture(scope="session")
+def screening(kb: KnowledgeBase) -> Screening:
+    """The screening as the service builds it at start-up (cds/api/app.py), without the service around it."""
+    settings = dev_settings()
+    return Screening(kb, ClinicalPolicy.from_settings(settings), settings)
+
+
+@asynccontextmanager
+async def in_process(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app as `python -m cds` serves it (`with_fast_path(create_app(settings))`), started and stopped with its
+    lifespan, behind an httpx client that calls it in process (ASGI, no socket)."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=with_fast_path(app)), base_url="http://testserver", timeout=10) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    """The dev service in process, shared by the session's API tests (as `service` is by the integration tests)."""
+    async with in_process(dev_settings(data_dir=tmp_path_factory.mktemp("cds-data"))) as c:
         yield c
 
 

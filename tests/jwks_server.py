@@ -1,12 +1,18 @@
-"""A tiny JWKS server on 127.0.0.1 for the trust tests: serves JSON by path and counts the fetches."""
+"""A JWKS server on 127.0.0.1 for the trust tests: pytest-httpserver serving JSON by path, counting the fetches.
+
+A thin layer over `pytest_httpserver.HTTPServer` (werkzeug): a document can be replaced at its path (a key
+rotation), an unpublished path answers 404, and `hits` counts the requests per path from the server's own log.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
 
 
 class JwksServer:
@@ -14,43 +20,39 @@ class JwksServer:
 
     def __init__(self) -> None:
         self.documents: dict[str, Any] = {}
-        self.hits: Counter[str] = Counter()
         self._lock = threading.Lock()
-        server = self
+        self._server = HTTPServer(host="127.0.0.1", port=0)
+        self._server.no_handler_status_code = 404
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with server._lock:
-                    server.hits[self.path] += 1
-                    doc = server.documents.get(self.path)
-                body = json.dumps(doc).encode() if doc is not None else b'{"error": "not found"}'
-                self.send_response(200 if doc is not None else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    @property
+    def base_url(self) -> str:
+        return self._server.url_for("/").rstrip("/")
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+    @property
+    def hits(self) -> Counter[str]:
+        return Counter(request.path for request, _ in self._server.log)
 
     def publish(self, path: str, document: Any) -> str:
-        """Serve `document` as JSON at `path`; return its URL."""
+        """Serve `document` as JSON at `path` (replacing what was there); return its URL."""
         with self._lock:
+            new = path not in self.documents
             self.documents[path] = document
+        if new:
+            self._server.expect_request(path, method="GET").respond_with_handler(self._answer)
         return self.url(path)
+
+    def _answer(self, request: Request) -> Response:
+        with self._lock:
+            document = self.documents[request.path]
+        return Response(json.dumps(document), content_type="application/json")
 
     def url(self, path: str) -> str:
         return self.base_url + path
 
     def __enter__(self) -> JwksServer:
-        self._thread.start()
+        self._server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.clear()
+        self._server.stop()

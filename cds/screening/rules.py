@@ -101,7 +101,7 @@ class Evaluation:
 
     def run(self) -> list[Finding]:
         needs = rule_needs(self.kb)
-        present = self._present()
+        present = self.present()
         for rule in self.kb.rules:
             need = needs[rule.id]
             if need is not None and need.isdisjoint(present):
@@ -115,8 +115,8 @@ class Evaluation:
                 self.findings[rule.id] = self._finding(rule, _dedupe(evidence))
         return sorted(self.findings.values(), key=lambda f: -INDICATOR_RANK[f.indicator])
 
-    def _present(self) -> set[tuple[str, str]]:
-        """What the record holds, in the terms of `rule_needs`."""
+    def present(self) -> set[tuple[str, str]]:
+        """What the record holds, in the terms of `rule_needs`: `run` skips a rule whose needs are disjoint."""
         present = {(kind, vs_id) for kind in ("conditions", "observations", "medications")
                    for vs_id in self._index(kind)}
         if self.record.allergies:
@@ -134,6 +134,10 @@ class Evaluation:
         if any("unconfirmed" in n for e in evidence for n in e.notes):
             notes.append("Some of the evidence is recorded as unconfirmed: confirm it with the patient.")
         return Finding(rule, indicator, evidence, notes)
+
+    def evidence(self, rule: Rule) -> list[Evidence]:
+        """What `rule`'s condition finds in the record, before suppression and exclusion by other rules."""
+        return self._node(rule, rule.when)
 
     # --- the grammar -----------------------------------------------------------------------------
 

@@ -76,6 +76,11 @@ class Database:
         self._schema_ready = False  # set once migrations ran (or were run explicitly) in this process
         self._schema_lock = asyncio.Lock()
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine, for tools and tests that read or change the tables directly (unguarded)."""
+        return self._engine
+
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True, busy_timeout_s: float = 30.0,
                    connect_timeout_s: float = 5.0) -> Self:

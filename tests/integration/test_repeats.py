@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import pg
 from conftest import Service, load_fixture
-from test_scenarios import topics
+from scenarios import topics
 
 REFRESH_S = 0.2  # another process learns of an answer within this (CDS_ANSWERED_CARD_REFRESH_S)
 SELECT = "/cds-services/mesotherapy-order-select"

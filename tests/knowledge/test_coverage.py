@@ -5,7 +5,7 @@ and WHO ICD-10 chapters that bear on a rule, the published VSAC members) is clas
 the service's own loader and index, and must be either in some value set (or an ingredient the service knows) or
 on the reviewed "not a contraindication" list in cards/reviewed/. Nothing may be both.
 
-    .venv/bin/python tests/test_coverage.py      # prints the audit's figures (cards/README.md quotes them)
+    .venv/bin/python tests/knowledge/test_coverage.py      # prints the audit's figures (cards/README.md quotes them)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cds.fhir.json import ICD10CM, Coded, Coding, norm_system
 from cds.knowledge.index import icd_key, system_uri
 from cds.knowledge.loader import KnowledgeBase, load_knowledge
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CARDS = ROOT / "cards"
 VOCAB = ROOT / "fixtures" / "vocabularies"
 SHOWN = 15  # unreviewed entries printed on failure

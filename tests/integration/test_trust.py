@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from conftest import Service, free_port, load_fixture
 from fhirserver import FhirServer, RecordingServer
 from jwks_server import JwksServer
-from test_scenarios import topics
+from scenarios import topics
 
 ISSUER = "https://ehr.example.org"
 SERVICE = "/cds-services/mesotherapy-contraindications"

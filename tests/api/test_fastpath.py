@@ -3,12 +3,12 @@ middleware: in process, through ASGI, the app as the server runs it against the 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cds.api.app import create_app
@@ -22,7 +22,7 @@ HOOK = "/cds-services/mesotherapy-order-select"
 
 def pregnant_request() -> dict[str, Any]:
     path = FIXTURES / "scenarios" / "decision-male-female-birthsex-pregnancy-critical.json"
-    scenario = json.loads(path.read_text())
+    scenario = json.loads(path.read_text(encoding="utf-8"))
     return with_dates(scenario["request"])  # type: ignore[no-any-return]
 
 
@@ -55,14 +55,15 @@ CALLS = [
 ]
 
 
-def test_the_fast_path_answers_as_the_router_does(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_the_fast_path_answers_as_the_router_does(tmp_path: Path) -> None:
     settings = Settings(env="dev", data_dir=tmp_path)
     fast_app = create_app(settings)
     served = with_fast_path(fast_app)
     assert isinstance(served, HookFastPath)
     routed_app = create_app(settings)
-    fast = asyncio.run(answers(served, fast_app, CALLS))
-    routed = asyncio.run(answers(routed_app, routed_app, CALLS))
+    fast = await answers(served, fast_app, CALLS)
+    routed = await answers(routed_app, routed_app, CALLS)
     assert [r.status_code for r in fast] == [200, 400, 400, 400, 404, 413, 400]
     assert fast[0].json()["cards"][0]["source"]["topic"]["code"] == "pregnancy"
     for f, r in zip(fast, routed, strict=True):
@@ -84,12 +85,13 @@ class Stamp:
         await self.app(scope, receive, stamped)
 
 
-def test_a_middleware_added_while_the_fast_path_is_on_sees_every_hook_call(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_a_middleware_added_while_the_fast_path_is_on_sees_every_hook_call(tmp_path: Path) -> None:
     framework = create_app(Settings(env="dev", data_dir=tmp_path))
     served = with_fast_path(framework)
     assert isinstance(served, HookFastPath)
     framework.add_middleware(Stamp)
-    hook, error = asyncio.run(answers(served, framework, CALLS[:2]))
+    hook, error = await answers(served, framework, CALLS[:2])
     assert hook.status_code == 200 and hook.headers.get("x-stamp") == "1"
     assert error.status_code == 400 and error.headers.get("x-stamp") == "1"
 

@@ -13,7 +13,7 @@ import pytest
 from test_hostile_fhir import rss_kib
 
 from conftest import Service, load_fixture
-from test_scenarios import topics
+from scenarios import topics
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 CALLS = 20

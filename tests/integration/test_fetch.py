@@ -11,7 +11,7 @@ import pytest
 
 from conftest import free_port, load_fixture
 from fhirserver import FhirServer, RecordingServer
-from test_scenarios import topics
+from scenarios import topics
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 TOKEN = "fhir-test-token"

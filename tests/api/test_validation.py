@@ -10,6 +10,8 @@ import pytest
 
 from conftest import load_fixture
 
+pytestmark = pytest.mark.anyio
+
 SERVICE = "/cds-services/mesotherapy-contraindications"
 WRONG = [1, 2.5, "ServiceRequest/sr-meso", {"reference": "ServiceRequest/sr-meso"}, True, [], [1], [None], [""]]
 
@@ -30,16 +32,16 @@ def assert_names(response: httpx.Response, field: str) -> None:
 
 @pytest.mark.parametrize("hook", ["order-select", "order-sign"])
 @pytest.mark.parametrize("value", WRONG, ids=repr)
-def test_selections_of_the_wrong_type_get_400(client: httpx.Client, hook: str, value: Any) -> None:
+async def test_selections_of_the_wrong_type_get_400(api: httpx.AsyncClient, hook: str, value: Any) -> None:
     request = request_for(hook)
     request["context"]["selections"] = value
-    assert_names(client.post(SERVICE, json=request), "context.selections")
+    assert_names(await api.post(SERVICE, json=request), "context.selections")
 
 
-def test_order_sign_with_well_formed_selections_is_answered(client: httpx.Client) -> None:
+async def test_order_sign_with_well_formed_selections_is_answered(api: httpx.AsyncClient) -> None:
     request = request_for("order-sign")
     assert isinstance(request["context"]["selections"], list)
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     assert response.status_code == 200 and response.json()["cards"]
 
 
@@ -50,16 +52,17 @@ def test_order_sign_with_well_formed_selections_is_answered(client: httpx.Client
     ("encounterId", 7), ("encounterId", ["e"]), ("encounterId", None),
     ("draftOrders", "Bundle"), ("draftOrders", []), ("draftOrders", 3), ("draftOrders", True),
 ], ids=repr)
-def test_context_fields_of_the_wrong_type_get_400(client: httpx.Client, hook: str, field: str, value: Any) -> None:
+async def test_context_fields_of_the_wrong_type_get_400(api: httpx.AsyncClient, hook: str, field: str,
+                                                      value: Any) -> None:
     request = request_for(hook)
     request["context"][field] = value
-    assert_names(client.post(SERVICE, json=request), f"context.{field}")
+    assert_names(await api.post(SERVICE, json=request), f"context.{field}")
 
 
 @pytest.mark.parametrize("field", ["scope", "subject", "patient"])
-def test_fhir_authorization_fields_of_the_wrong_type_get_400(client: httpx.Client, field: str) -> None:
+async def test_fhir_authorization_fields_of_the_wrong_type_get_400(api: httpx.AsyncClient, field: str) -> None:
     request = request_for("order-select")
     request["fhirServer"] = "http://127.0.0.1:9/fhir"
     request["fhirAuthorization"] = {"access_token": "t", "token_type": "Bearer", "expires_in": 300,
                                     "scope": "patient/*.read", "subject": "cds", field: 12}
-    assert_names(client.post(SERVICE, json=request), f"fhirAuthorization.{field}")
+    assert_names(await api.post(SERVICE, json=request), f"fhirAuthorization.{field}")

@@ -19,7 +19,9 @@ import httpx
 import pytest
 
 from conftest import load_fixture, with_dates
-from test_scenarios import assert_no_empty_values
+from scenarios import assert_no_empty_values
+
+pytestmark = pytest.mark.anyio
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 WRONG_SHAPES: list[Any] = [None, 0, -1, 3.5, True, "", "x", "2024-13-45", [], {}, [1], [None], {"a": 1},
@@ -51,7 +53,7 @@ def base_request(name: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", BASES)
-def test_wrong_shapes_anywhere_never_make_a_500(name: str, client: httpx.Client) -> None:
+async def test_wrong_shapes_anywhere_never_make_a_500(name: str, api: httpx.AsyncClient) -> None:
     base = base_request(name)
     where = list(paths(base))
     rng = random.Random(f"malformed:{name}")
@@ -61,7 +63,7 @@ def test_wrong_shapes_anywhere_never_make_a_500(name: str, client: httpx.Client)
         for _ in range(rng.randint(1, 4)):
             with contextlib.suppress(KeyError, IndexError, TypeError):  # an earlier replacement removed this path
                 replace(request, rng.choice(where), copy.deepcopy(rng.choice(WRONG_SHAPES)))
-        response = client.post(SERVICE, json=request)
+        response = await api.post(SERVICE, json=request)
         seen[response.status_code] += 1
         assert response.status_code in (200, 400, 412), (response.status_code, response.text[:500])
         if response.status_code == 200:
@@ -74,12 +76,12 @@ def test_wrong_shapes_anywhere_never_make_a_500(name: str, client: httpx.Client)
 
 @pytest.mark.parametrize("bundle", [{"entry": 5}, {"entry": "x"}, {"entry": True}, {"link": 7}],
                          ids=["entry-number", "entry-string", "entry-boolean", "link-number"])
-def test_a_bundle_that_cannot_be_read_is_data_not_obtained_not_an_empty_list(bundle: dict[str, Any],
-                                                                             client: httpx.Client) -> None:
+async def test_a_bundle_that_cannot_be_read_is_data_not_obtained_not_an_empty_list(bundle: dict[str, Any],
+                                                                                   api: httpx.AsyncClient) -> None:
     request = base_request("scenarios/pregnancy-active-condition-snomed.json")
     assert "fhirServer" not in request  # nothing to fetch instead: the card must say what was not checked
     request["prefetch"]["conditions"] = {"resourceType": "Bundle", "type": "searchset", **bundle}
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     assert response.status_code == 200, response.text
     cards = {c["source"]["topic"]["code"]: c for c in response.json()["cards"]}
     assert "Conditions (problem list)" in cards["screening-incomplete"]["detail"]

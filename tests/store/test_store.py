@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -22,7 +23,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from cds.metrics import STORE_ERRORS, render_latest
+from cds.metrics import REGISTRY, render_latest
 from cds.store import (
     FeedbackEntry,
     IssuedCard,
@@ -39,7 +40,7 @@ from cds.store import (
 
 import pg
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 
 
@@ -48,7 +49,7 @@ def pg_server() -> pg.PgServer:
     return pg.server()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path}/data/not-yet/cds.sqlite3"  # the directory is created at open
@@ -59,10 +60,6 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         server.drop_database(url)
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
 
 
 def card(uuid: str, rule: str = "pregnancy", version: int = 3, **kw: Any) -> IssuedCard:
@@ -85,180 +82,167 @@ def overridden(uuid: str, reason: str | None = None, at: datetime = T0, comment:
 
 
 async def count_rows(store: Store, table: sa.Table) -> int:
-    async with store._engine.connect() as conn:
+    async with store.engine.connect() as conn:
         return int((await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one())
 
 
 # ---------------------------------------------------------------------------------------------- basics
 
-def test_record_and_summary_counts_exact(db_url: str) -> None:
-    async def scenario() -> None:
-        store = await Store.open(db_url)
-        try:
-            await store.record_cards([card(f"p3-{i}") for i in range(5)])
-            await store.record_cards([card(f"p2-{i}", version=2) for i in range(2)])
-            await store.record_cards([card(f"b1-{i}", rule="bleeding-risk", version=1, indicator="warning")
-                                      for i in range(3)])
-            await store.record_cards([card("p3-0")])  # recorded again: ignored
-            cet = timezone(timedelta(hours=1))
-            new = await store.record_feedback([
-                accepted("p3-0"), accepted("p3-1"), accepted("p3-2", at=T0.astimezone(cet)),
-                overridden("p3-3", "negative-pregnancy-test"), overridden("p3-4", "negative-pregnancy-test"),
-                overridden("p3-0", "not-pregnant-confirmed", at=T0 + timedelta(minutes=5)),  # 2nd entry, same card
-                overridden("p2-0"),  # no reason given
-                overridden("b1-0", "benefit-outweighs-risk", comment="discussed with patient"),
-            ])
-            assert new == 8
-            assert await store.summary() == {"rules": [
-                {"rule": "bleeding-risk", "version": "1", "issued": 3, "silent": 0, "accepted": 0, "overridden": 1,
-                 "override_reasons": {"benefit-outweighs-risk": 1}, "suppressed": 0},
-                {"rule": "pregnancy", "version": "2", "issued": 2, "silent": 0, "accepted": 0, "overridden": 1,
-                 "override_reasons": {}, "suppressed": 0},
-                {"rule": "pregnancy", "version": "3", "issued": 5, "silent": 0, "accepted": 3, "overridden": 3,
-                 "override_reasons": {"negative-pregnancy-test": 2, "not-pregnant-confirmed": 1}, "suppressed": 0},
-            ]}
-            async with store._engine.connect() as conn:
-                row = (await conn.execute(sa.select(issued_cards).where(issued_cards.c.uuid == "p3-1"))).one()
-                assert row.issued_at == T0 and row.issued_at.tzinfo is not None
-                assert json.loads(row.suggestion_uuids) == ["p3-1-s1", "p3-1-s2"]
-                ts = (await conn.execute(sa.select(feedback.c.outcome_timestamp)
-                                         .where(feedback.c.card_uuid == "p3-2"))).scalar_one()
-                assert ts == T0 and ts.utcoffset() == timedelta(0)
-        finally:
-            await store.close()
-
-    run(scenario())
+@pytest.mark.anyio
+async def test_record_and_summary_counts_exact(db_url: str) -> None:
+    store = await Store.open(db_url)
+    try:
+        await store.record_cards([card(f"p3-{i}") for i in range(5)])
+        await store.record_cards([card(f"p2-{i}", version=2) for i in range(2)])
+        await store.record_cards([card(f"b1-{i}", rule="bleeding-risk", version=1, indicator="warning")
+                                  for i in range(3)])
+        await store.record_cards([card("p3-0")])  # recorded again: ignored
+        cet = timezone(timedelta(hours=1))
+        new = await store.record_feedback([
+            accepted("p3-0"), accepted("p3-1"), accepted("p3-2", at=T0.astimezone(cet)),
+            overridden("p3-3", "negative-pregnancy-test"), overridden("p3-4", "negative-pregnancy-test"),
+            overridden("p3-0", "not-pregnant-confirmed", at=T0 + timedelta(minutes=5)),  # 2nd entry, same card
+            overridden("p2-0"),  # no reason given
+            overridden("b1-0", "benefit-outweighs-risk", comment="discussed with patient"),
+        ])
+        assert new == 8
+        assert await store.summary() == {"rules": [
+            {"rule": "bleeding-risk", "version": "1", "issued": 3, "silent": 0, "accepted": 0, "overridden": 1,
+             "override_reasons": {"benefit-outweighs-risk": 1}, "suppressed": 0},
+            {"rule": "pregnancy", "version": "2", "issued": 2, "silent": 0, "accepted": 0, "overridden": 1,
+             "override_reasons": {}, "suppressed": 0},
+            {"rule": "pregnancy", "version": "3", "issued": 5, "silent": 0, "accepted": 3, "overridden": 3,
+             "override_reasons": {"negative-pregnancy-test": 2, "not-pregnant-confirmed": 1}, "suppressed": 0},
+        ]}
+        async with store.engine.connect() as conn:
+            row = (await conn.execute(sa.select(issued_cards).where(issued_cards.c.uuid == "p3-1"))).one()
+            assert row.issued_at == T0 and row.issued_at.tzinfo is not None
+            assert json.loads(row.suggestion_uuids) == ["p3-1-s1", "p3-1-s2"]
+            ts = (await conn.execute(sa.select(feedback.c.outcome_timestamp)
+                                     .where(feedback.c.card_uuid == "p3-2"))).scalar_one()
+            assert ts == T0 and ts.utcoffset() == timedelta(0)
+    finally:
+        await store.close()
 
 
-def test_empty_store_summary_and_ping(db_url: str) -> None:
-    async def scenario() -> None:
-        async with await Store.open(db_url) as store:
-            assert await store.ping() is True
-            assert await store.summary() == {"rules": []}
-            assert await store.schema_version() == migrations.LATEST
-            await store.record_cards([])
-            assert await store.record_feedback([]) == 0
-
-    run(scenario())
+@pytest.mark.anyio
+async def test_empty_store_summary_and_ping(db_url: str) -> None:
+    async with await Store.open(db_url) as store:
+        assert await store.ping() is True
+        assert await store.summary() == {"rules": []}
+        assert await store.schema_version() == migrations.LATEST
+        await store.record_cards([])
+        assert await store.record_feedback([]) == 0
 
 
 async def all_cards(store: Store) -> list[Any]:
-    async with store._engine.connect() as conn:
+    async with store.engine.connect() as conn:
         return list((await conn.execute(sa.select(issued_cards).order_by(issued_cards.c.uuid))).mappings().all())
 
 
-def test_large_card_batch_is_stored_whole_and_exact(db_url: str) -> None:
+@pytest.mark.anyio
+async def test_large_card_batch_is_stored_whole_and_exact(db_url: str) -> None:
     """Over one INSERT's rows (1,000 on SQLite), a uuid twice in one batch: every row once, each value in place."""
-    async def scenario() -> None:
-        async with await Store.open(db_url) as store:
-            batch = [card(f"L{i:04d}", rule=f"rule-{i % 7}", version=1 + i % 4, indicator=("info", "warning")[i % 2],
-                          hook_instance=f"hi-{i}", patient_pseudonym=None if i % 5 == 0 else f"ps-{i}",
-                          issued_at=T0 + timedelta(seconds=i), suggestion_uuids=[f"L{i}-s"] * (i % 3))
-                     for i in range(1201)]
-            await store.record_cards([*batch, card("L0007", rule="not-stored")])  # L0007 again, in the same call
-            rows = await all_cards(store)
-            await store.record_cards([card(f"L{i:04d}", rule="not-stored") for i in range(995, 1005)])  # ignored
-            assert await all_cards(store) == rows
-        assert len(rows) == 1201
-        for c, row in zip(batch, rows, strict=True):
-            assert (row["uuid"], row["rule_id"], row["rule_version"], row["indicator"], row["hook"],
-                    row["hook_instance"], row["patient_pseudonym"]) == (
-                        c.uuid, c.rule_id, c.rule_version, c.indicator, c.hook, c.hook_instance, c.patient_pseudonym)
-            assert row["issued_at"] == c.issued_at
-            assert json.loads(row["suggestion_uuids"]) == list(c.suggestion_uuids)
-
-    run(scenario())
+    async with await Store.open(db_url) as store:
+        batch = [card(f"L{i:04d}", rule=f"rule-{i % 7}", version=1 + i % 4, indicator=("info", "warning")[i % 2],
+                      hook_instance=f"hi-{i}", patient_pseudonym=None if i % 5 == 0 else f"ps-{i}",
+                      issued_at=T0 + timedelta(seconds=i), suggestion_uuids=[f"L{i}-s"] * (i % 3))
+                 for i in range(1201)]
+        await store.record_cards([*batch, card("L0007", rule="not-stored")])  # L0007 again, in the same call
+        rows = await all_cards(store)
+        await store.record_cards([card(f"L{i:04d}", rule="not-stored") for i in range(995, 1005)])  # ignored
+        assert await all_cards(store) == rows
+    assert len(rows) == 1201
+    for c, row in zip(batch, rows, strict=True):
+        assert (row["uuid"], row["rule_id"], row["rule_version"], row["indicator"], row["hook"],
+                row["hook_instance"], row["patient_pseudonym"]) == (
+                    c.uuid, c.rule_id, c.rule_version, c.indicator, c.hook, c.hook_instance, c.patient_pseudonym)
+        assert row["issued_at"] == c.issued_at
+        assert json.loads(row["suggestion_uuids"]) == list(c.suggestion_uuids)
 
 
-def test_unknown_card_rejects_the_whole_batch(db_url: str) -> None:
-    async def scenario() -> None:
-        async with await Store.open(db_url) as store:
-            await store.record_cards([card("a"), card("b")])
-            with pytest.raises(UnknownCard) as info:
-                await store.record_feedback([accepted("a"), overridden("never-issued", "x"), accepted("b")])
-            assert info.value.uuid == "never-issued"
-            assert await count_rows(store, feedback) == 0
-            assert (await store.summary())["rules"][0]["accepted"] == 0
-            # the valid part goes through once posted on its own
-            assert await store.record_feedback([accepted("a"), accepted("b")]) == 2
-
-    run(scenario())
+@pytest.mark.anyio
+async def test_unknown_card_rejects_the_whole_batch(db_url: str) -> None:
+    async with await Store.open(db_url) as store:
+        await store.record_cards([card("a"), card("b")])
+        with pytest.raises(UnknownCard) as info:
+            await store.record_feedback([accepted("a"), overridden("never-issued", "x"), accepted("b")])
+        assert info.value.uuid == "never-issued"
+        assert await count_rows(store, feedback) == 0
+        assert (await store.summary())["rules"][0]["accepted"] == 0
+        # the valid part goes through once posted on its own
+        assert await store.record_feedback([accepted("a"), accepted("b")]) == 2
 
 
-def test_invalid_entries_are_refused_before_writing(db_url: str) -> None:
-    async def scenario() -> None:
-        async with await Store.open(db_url) as store:
-            await store.record_cards([card("a")])
-            with pytest.raises(ValueError, match="feedback outcome must be one of"):
-                await store.record_feedback([accepted("a"), FeedbackEntry("a", "maybe", T0)])  # type: ignore[arg-type]
-            with pytest.raises(ValueError, match="timezone-aware"):
-                await store.record_feedback([accepted("a", at=datetime(2026, 3, 1, 9, 30))])  # naive
-            with pytest.raises(ValueError, match="timezone-aware"):
-                await store.record_cards([card("n", issued_at=datetime(2026, 3, 1))])
-            assert await count_rows(store, feedback) == 0
-            assert await count_rows(store, issued_cards) == 1
-
-    run(scenario())
+@pytest.mark.anyio
+async def test_invalid_entries_are_refused_before_writing(db_url: str) -> None:
+    async with await Store.open(db_url) as store:
+        await store.record_cards([card("a")])
+        with pytest.raises(ValueError, match="feedback outcome must be one of"):
+            await store.record_feedback([accepted("a"), FeedbackEntry("a", "maybe", T0)])  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await store.record_feedback([accepted("a", at=datetime(2026, 3, 1, 9, 30))])  # naive
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await store.record_cards([card("n", issued_at=datetime(2026, 3, 1))])
+        assert await count_rows(store, feedback) == 0
+        assert await count_rows(store, issued_cards) == 1
 
 
-def test_duplicate_feedback_is_stored_once(db_url: str) -> None:
-    async def scenario() -> None:
-        async with await Store.open(db_url) as store:
-            await store.record_cards([card("a"), card("b")])
-            entry = accepted("a", suggestions=["a-s1", "a-s2"])
-            assert await store.record_feedback([entry, entry]) == 1  # twice in one batch
-            assert await store.record_feedback([entry]) == 0  # posted again
-            same = accepted("a", at=T0.astimezone(timezone(timedelta(hours=-5))), suggestions=["a-s2", "a-s1"])
-            assert await store.record_feedback([same]) == 0  # same instant, other offset, other order
-            assert await store.record_feedback([overridden("b", "r1", comment="first")]) == 1
-            assert await store.record_feedback([overridden("b", "r1", comment="edited")]) == 0  # comment: same entry
-            # entries that differ in any identifying field are distinct
-            assert await store.record_feedback([
-                accepted("a", suggestions=["a-s1"]),
-                accepted("a", at=T0 + timedelta(microseconds=1), suggestions=["a-s1", "a-s2"]),
-                overridden("b", "r2"),
-                overridden("b"),
-            ]) == 4
-            assert await count_rows(store, feedback) == 6
-            rules = (await store.summary())["rules"]
-            assert rules == [{"rule": "pregnancy", "version": "3", "issued": 2, "silent": 0,
-                              "accepted": 3, "overridden": 3,
-                              "override_reasons": {"r1": 1, "r2": 1}, "suppressed": 0}]
-
-    run(scenario())
+@pytest.mark.anyio
+async def test_duplicate_feedback_is_stored_once(db_url: str) -> None:
+    async with await Store.open(db_url) as store:
+        await store.record_cards([card("a"), card("b")])
+        entry = accepted("a", suggestions=["a-s1", "a-s2"])
+        assert await store.record_feedback([entry, entry]) == 1  # twice in one batch
+        assert await store.record_feedback([entry]) == 0  # posted again
+        same = accepted("a", at=T0.astimezone(timezone(timedelta(hours=-5))), suggestions=["a-s2", "a-s1"])
+        assert await store.record_feedback([same]) == 0  # same instant, other offset, other order
+        assert await store.record_feedback([overridden("b", "r1", comment="first")]) == 1
+        assert await store.record_feedback([overridden("b", "r1", comment="edited")]) == 0  # comment: same entry
+        # entries that differ in any identifying field are distinct
+        assert await store.record_feedback([
+            accepted("a", suggestions=["a-s1"]),
+            accepted("a", at=T0 + timedelta(microseconds=1), suggestions=["a-s1", "a-s2"]),
+            overridden("b", "r2"),
+            overridden("b"),
+        ]) == 4
+        assert await count_rows(store, feedback) == 6
+        rules = (await store.summary())["rules"]
+        assert rules == [{"rule": "pregnancy", "version": "3", "issued": 2, "silent": 0,
+                          "accepted": 3, "overridden": 3,
+                          "override_reasons": {"r1": 1, "r2": 1}, "suppressed": 0}]
 
 
 # ----------------------------------------------------------------------------------- replay cache (JWT jti)
 
-def test_claim_jti(db_url: str) -> None:
-    async def scenario() -> None:
-        async with await Store.open(db_url) as store:
-            now = time.time()
-            assert await store.claim_jti("iss|jti-1", now + 300) is True
-            assert await store.claim_jti("iss|jti-1", now + 300) is False
-            assert await store.claim("iss|jti-1", now + 600) is False  # ReplayCache protocol name
-            assert await store.claim("iss|jti-2", now + 300) is True
-            # an expired claim can be claimed again, and then holds until its new expiry
-            assert await store.claim_jti("iss|old", now + 0.3) is True
-            assert await store.claim_jti("iss|old", now + 300) is False
-            await asyncio.sleep(0.5)
-            assert await store.claim_jti("iss|old", time.time() + 300) is True
-            assert await store.claim_jti("iss|old", time.time() + 300) is False
+@pytest.mark.anyio
+async def test_claim_jti(db_url: str) -> None:
+    async with await Store.open(db_url) as store:
+        now = time.time()
+        assert await store.claim_jti("iss|jti-1", now + 300) is True
+        assert await store.claim_jti("iss|jti-1", now + 300) is False
+        assert await store.claim("iss|jti-1", now + 600) is False  # ReplayCache protocol name
+        assert await store.claim("iss|jti-2", now + 300) is True
+        # an expired claim can be claimed again, and then holds until its new expiry
+        assert await store.claim_jti("iss|old", now + 0.3) is True
+        assert await store.claim_jti("iss|old", now + 300) is False
+        await asyncio.sleep(0.5)
+        assert await store.claim_jti("iss|old", time.time() + 300) is True
+        assert await store.claim_jti("iss|old", time.time() + 300) is False
 
-        # expired rows are purged opportunistically (at most once a minute per store, so on a fresh one)
-        async with await Store.open(db_url) as store:
-            await store.claim_jti("iss|gone", time.time() - 1)
-        async with await Store.open(db_url) as store:
-            before = await count_rows(store, jwt_replay)
-            assert await store.claim_jti("iss|jti-3", time.time() + 300) is True
-            assert await count_rows(store, jwt_replay) == before  # "iss|gone" deleted, "iss|jti-3" added
-
-    run(scenario())
+    # expired rows are purged opportunistically (at most once a minute per store, so on a fresh one)
+    async with await Store.open(db_url) as store:
+        await store.claim_jti("iss|gone", time.time() - 1)
+    async with await Store.open(db_url) as store:
+        before = await count_rows(store, jwt_replay)
+        assert await store.claim_jti("iss|jti-3", time.time() + 300) is True
+        assert await count_rows(store, jwt_replay) == before  # "iss|gone" deleted, "iss|jti-3" added
 
 
 # -------------------------------------------------------------------------- restart and abrupt termination
 
-def test_close_and_reopen_loses_nothing(db_url: str) -> None:
+@pytest.mark.anyio
+async def test_close_and_reopen_loses_nothing(db_url: str) -> None:
     async def first() -> dict[str, Any]:
         store = await Store.open(db_url)
         await store.record_cards([card(f"c{i}") for i in range(10)])
@@ -275,9 +259,9 @@ def test_close_and_reopen_loses_nothing(db_url: str) -> None:
             assert await store.claim_jti("k", time.time() + 600) is False
             assert await store.record_feedback([accepted("c0")]) == 0  # dedup survives the restart
 
-    expected = run(first())
+    expected = await first()
     assert expected["rules"][0]["accepted"] == 4
-    run(second(expected))
+    await second(expected)
 
 
 KILLED_WRITER = textwrap.dedent("""
@@ -300,25 +284,24 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-def test_killed_process_loses_no_committed_write(db_url: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, db_url], cwd=ROOT, env=_child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.strip() == "done", proc.stderr.read() if proc.stderr else ""
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=10)  # reaps it and closes its pipes
+@pytest.mark.integration  # a writer process killed mid-flight
+@pytest.mark.anyio
+async def test_killed_process_loses_no_committed_write(db_url: str) -> None:
+    with subprocess.Popen([sys.executable, "-c", KILLED_WRITER, db_url], cwd=ROOT, env=_child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:  # closes the pipes
+        try:
+            line = proc.stdout.readline() if proc.stdout else ""
+            assert line.strip() == "done", proc.stderr.read() if proc.stderr else ""
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
 
-    async def check() -> None:
-        async with await Store.open(db_url) as store:
-            rules = (await store.summary())["rules"]
-            assert rules == [{"rule": "pregnancy", "version": "3", "issued": 50, "silent": 0,
-                              "accepted": 50, "overridden": 0,
-                              "override_reasons": {}, "suppressed": 0}]
-            assert await store.claim_jti("killed-jti", time.time() + 600) is False
-
-    run(check())
+    async with await Store.open(db_url) as store:
+        rules = (await store.summary())["rules"]
+        assert rules == [{"rule": "pregnancy", "version": "3", "issued": 50, "silent": 0,
+                          "accepted": 50, "overridden": 0,
+                          "override_reasons": {}, "suppressed": 0}]
+        assert await store.claim_jti("killed-jti", time.time() + 600) is False
 
 
 # ------------------------------------------------------------------------------------ concurrent processes
@@ -362,7 +345,9 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None:
+@pytest.mark.integration  # eight writer processes
+@pytest.mark.anyio
+async def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None:
     workers, n_cards, n_keys = 8, 20, 50
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, db_url, str(w), str(n_cards), str(n_keys)],
                               cwd=ROOT, env=_child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -377,7 +362,7 @@ def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None
                 await store.record_cards([card(f"c{i}", rule="pregnancy" if i % 2 == 0 else "bleeding-risk",
                                                version=3 if i % 2 == 0 else 1) for i in range(n_cards)])
 
-        run(issue())
+        await issue()
         for p in procs:
             assert p.stdin is not None
             p.stdin.write("go\n")
@@ -407,7 +392,7 @@ def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None
 
     per_rule = n_cards // 2
     reasons = {f"r{m}": per_rule * sum(1 for w in range(workers) if w % 3 == m) for m in range(3)}
-    assert run(check()) == {"rules": [
+    assert await check() == {"rules": [
         {"rule": "bleeding-risk", "version": "1", "issued": per_rule, "silent": 0, "accepted": per_rule,
          "overridden": per_rule * workers, "override_reasons": reasons, "suppressed": 0},
         {"rule": "concurrency", "version": "1", "issued": 10 * workers, "silent": 0, "accepted": 0, "overridden": 0,
@@ -419,13 +404,14 @@ def test_concurrent_writer_processes_count_every_entry_once(db_url: str) -> None
 
 # ------------------------------------------------------------------------------------------------ migrations
 
-def test_migrations_upgrade_an_old_schema(db_url: str) -> None:
+@pytest.mark.anyio
+async def test_migrations_upgrade_an_old_schema(db_url: str) -> None:
     async def build_version_1() -> None:
         store = await Store.open(db_url, migrate=False)
         try:
             assert await store.schema_version() == 0
             assert await store.migrate(target=1) == 1
-            async with store._engine.begin() as conn:
+            async with store.engine.begin() as conn:
                 tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
                 assert {"issued_cards", "feedback"} <= tables and "jwt_replay" not in tables
                 columns = await conn.run_sync(lambda c: {col["name"] for col in sa.inspect(c).get_columns("feedback")})
@@ -456,7 +442,7 @@ def test_migrations_upgrade_an_old_schema(db_url: str) -> None:
             assert await store.summary() == {"rules": [
                 {"rule": "pregnancy", "version": "2", "issued": 3, "silent": 0, "accepted": 0, "overridden": 1,
                  "override_reasons": {"negative-pregnancy-test": 1}, "suppressed": 0}]}
-            async with store._engine.connect() as conn:
+            async with store.engine.connect() as conn:
                 received = (await conn.execute(sa.select(feedback.c.received_at))).scalar_one()
                 assert received == T0  # backfilled from the outcome time
             # the old entry still deduplicates, new features work on the upgraded database
@@ -468,8 +454,8 @@ def test_migrations_upgrade_an_old_schema(db_url: str) -> None:
             assert await alembic_revision(store) == migrations.revision_id(migrations.LATEST)
             assert await schema_differences(store) == []
 
-    run(build_version_1())
-    run(upgrade())
+    await build_version_1()
+    await upgrade()
 
 
 def test_migrations_are_numbered_without_gaps() -> None:
@@ -481,7 +467,7 @@ def test_migrations_are_numbered_without_gaps() -> None:
 
 
 async def alembic_revision(store: Store) -> str:
-    async with store._engine.connect() as conn:
+    async with store.engine.connect() as conn:
         return str((await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar_one())
 
 
@@ -492,46 +478,42 @@ async def schema_differences(store: Store) -> list[Any]:
                                                          "include_object": migrations.include_object})
         return list(compare_metadata(context, metadata))
 
-    async with store._engine.connect() as conn:
+    async with store.engine.connect() as conn:
         return await conn.run_sync(compare)
 
 
-def test_models_and_migrations_agree(db_url: str) -> None:
+@pytest.mark.anyio
+async def test_models_and_migrations_agree(db_url: str) -> None:
     """Upgrading an empty database to the head revision builds exactly the tables the queries use."""
-    async def scenario() -> None:
-        async with await Store.open(db_url) as store:
-            assert await alembic_revision(store) == migrations.revision_id(migrations.LATEST)
-            assert await schema_differences(store) == []
-            # and the comparison can fail: a column the migrations never added is reported
-            extra = sa.Table("issued_cards", sa.MetaData(), *(sa.Column(c.name, c.type) for c in issued_cards.c),
-                             sa.Column("not_migrated", sa.Text))
+    async with await Store.open(db_url) as store:
+        assert await alembic_revision(store) == migrations.revision_id(migrations.LATEST)
+        assert await schema_differences(store) == []
+        # and the comparison can fail: a column the migrations never added is reported
+        extra = sa.Table("issued_cards", sa.MetaData(), *(sa.Column(c.name, c.type) for c in issued_cards.c),
+                         sa.Column("not_migrated", sa.Text))
 
-            def compare(conn: sa.Connection) -> list[Any]:
-                context = MigrationContext.configure(conn, opts={"include_object": lambda o, n, t, r, c: (
-                    t != "table" or n == "issued_cards") and (t == "table" or t == "column")})
-                return list(compare_metadata(context, extra.metadata))
+        def compare(conn: sa.Connection) -> list[Any]:
+            context = MigrationContext.configure(conn, opts={"include_object": lambda o, n, t, r, c: (
+                t != "table" or n == "issued_cards") and (t == "table" or t == "column")})
+            return list(compare_metadata(context, extra.metadata))
 
-            async with store._engine.connect() as conn:
-                diff = await conn.run_sync(compare)
-            assert [(d[0], d[3].name) for d in diff if d[0] == "add_column"] == [("add_column", "not_migrated")]
-
-    run(scenario())
+        async with store.engine.connect() as conn:
+            diff = await conn.run_sync(compare)
+        assert [(d[0], d[3].name) for d in diff if d[0] == "add_column"] == [("add_column", "not_migrated")]
 
 
-def test_database_newer_than_this_release_is_left_as_it_is(db_url: str) -> None:
+@pytest.mark.anyio
+async def test_database_newer_than_this_release_is_left_as_it_is(db_url: str) -> None:
     """A rolling upgrade: replicas of a newer release migrated the database first (to a revision this code does
     not know). This release starts, leaves the schema alone and works against it (migrations are additive)."""
-    async def scenario() -> None:
-        async with await Store.open(db_url) as store, store._engine.begin() as conn:
-            await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
-        async with await Store.open(db_url) as store:
-            assert await store.schema_version() == 99
-            assert await store.migrate() == 99
-            assert await alembic_revision(store) == "0099"
-            await store.record_cards([card("a")])
-            assert await store.record_feedback([accepted("a")]) == 1
-
-    run(scenario())
+    async with await Store.open(db_url) as store, store.engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    async with await Store.open(db_url) as store:
+        assert await store.schema_version() == 99
+        assert await store.migrate() == 99
+        assert await alembic_revision(store) == "0099"
+        await store.record_cards([card("a")])
+        assert await store.record_feedback([accepted("a")]) == 1
 
 
 def legacy_runner_schema(conn: sa.Connection, version: int) -> None:
@@ -610,7 +592,8 @@ def legacy_runner_schema(conn: sa.Connection, version: int) -> None:
 
 
 @pytest.mark.parametrize("legacy", [1, 3, 5])
-def test_database_from_before_alembic_is_stamped_and_upgraded(db_url: str, legacy: int) -> None:
+@pytest.mark.anyio
+async def test_database_from_before_alembic_is_stamped_and_upgraded(db_url: str, legacy: int) -> None:
     """A database the old hand-written runner created (its `cds_schema_version` table, no alembic table) is
     stamped at the equivalent revision and upgraded from there, by several stores opening it at once."""
     async def build() -> None:
@@ -644,7 +627,7 @@ def test_database_from_before_alembic_is_stamped_and_upgraded(db_url: str, legac
             assert await store.schema_version() == migrations.LATEST
             assert await alembic_revision(store) == migrations.revision_id(migrations.LATEST)
             assert await schema_differences(store) == []
-            async with store._engine.connect() as conn:
+            async with store.engine.connect() as conn:
                 legacy_rows = (await conn.execute(sa.text("SELECT max(version) FROM cds_schema_version"))).scalar()
                 assert legacy_rows == legacy  # the old table is left as it was (see cds/store/migrations)
                 received = (await conn.execute(sa.select(feedback.c.received_at))).scalar_one()
@@ -660,17 +643,18 @@ def test_database_from_before_alembic_is_stamped_and_upgraded(db_url: str, legac
             for s in stores:
                 await s.close()
 
-    run(build())
-    run(upgrade())
+    await build()
+    await upgrade()
 
 
 # ---------------------------------------------------------------------------------------------------- outage
 
-def test_unreachable_database_is_reported_and_counted() -> None:
+@pytest.mark.anyio
+async def test_unreachable_database_is_reported_and_counted() -> None:
     url = "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
 
     def errors(operation: str) -> float:
-        return STORE_ERRORS.labels(operation=operation)._value.get()
+        return REGISTRY.get_sample_value("cds_store_errors_total", {"operation": operation}) or 0.0
 
     # callers catch StoreError for outages; an unknown card is the client's mistake, not an outage
     assert issubclass(StoreUnavailable, StoreError) and not issubclass(UnknownCard, StoreError)
@@ -690,24 +674,24 @@ def test_unreachable_database_is_reported_and_counted() -> None:
         finally:
             await store.close()
 
-    run(scenario())
+    await scenario()
     body, content_type = render_latest()
     assert content_type.startswith("text/plain; version=0.0.4")
     assert b'cds_store_errors_total{operation="record_cards"}' in body
 
 
-def test_lazy_open_migrates_on_first_use(db_url: str) -> None:
-    async def scenario() -> None:
-        async with await Store.open(db_url, migrate=False) as store:
-            assert await store.schema_version() == 0
-            await store.record_cards([card("a")])
-            assert await store.schema_version() == migrations.LATEST
-            assert (await store.summary())["rules"][0]["issued"] == 1
-
-    run(scenario())
+@pytest.mark.anyio
+async def test_lazy_open_migrates_on_first_use(db_url: str) -> None:
+    async with await Store.open(db_url, migrate=False) as store:
+        assert await store.schema_version() == 0
+        await store.record_cards([card("a")])
+        assert await store.schema_version() == migrations.LATEST
+        assert (await store.summary())["rules"][0]["issued"] == 1
 
 
-def test_store_started_while_database_is_down_catches_up(pg_server: pg.PgServer) -> None:
+@pytest.mark.integration  # PostgreSQL
+@pytest.mark.anyio
+async def test_store_started_while_database_is_down_catches_up(pg_server: pg.PgServer) -> None:
     url = pg_server.new_database_url()  # not created yet: connections fail as if the server were down
 
     async def scenario() -> None:
@@ -715,23 +699,21 @@ def test_store_started_while_database_is_down_catches_up(pg_server: pg.PgServer)
             assert await store.ping() is False
             with pytest.raises(StoreUnavailable):
                 await store.record_cards([card("early")])
-            await asyncio.to_thread(pg_server.create_database, url)  # the database comes up
+            await anyio.to_thread.run_sync(pg_server.create_database, url)  # the database comes up
             assert await store.ping() is True
             await store.record_cards([card("late")])  # migrates, then writes
             assert await store.record_feedback([accepted("late")]) == 1
             assert (await store.summary())["rules"][0]["issued"] == 1
 
     try:
-        run(scenario())
+        await scenario()
     finally:
-        pg_server.drop_database(url)
+        await anyio.to_thread.run_sync(pg_server.drop_database, url)  # pg's admin calls run their own event loop
 
 
-def test_unwritable_sqlite_directory_is_reported(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_unwritable_sqlite_directory_is_reported(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
 
-    async def scenario() -> None:
-        with pytest.raises(StoreUnavailable):
-            await Store.open(f"sqlite+aiosqlite:///{tmp_path}/file/sub/cds.sqlite3")
-
-    run(scenario())
+    with pytest.raises(StoreUnavailable):
+        await Store.open(f"sqlite+aiosqlite:///{tmp_path}/file/sub/cds.sqlite3")

@@ -18,9 +18,9 @@ import orjson
 import pytest
 
 from conftest import Service, load_fixture
+from scenarios import topics
 from stubserver import Answer, StubFhir, gzip_bomb, json_answer
 from test_fetch import incomplete_detail
-from test_scenarios import topics
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 DEADLINE_S = 0.8

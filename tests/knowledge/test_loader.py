@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cds.errors import KnowledgeError
+from cds.errors import ConfigError, KnowledgeError
 from cds.knowledge.loader import SUMMARY_LIMIT, load_knowledge
 
 from conftest import ROOT
@@ -96,12 +94,14 @@ def test_duplicate_ids_across_files_are_refused(tmp_path: Path) -> None:
         load_knowledge(root)
 
 
-def test_service_refuses_to_start_on_invalid_knowledge(tmp_path: Path) -> None:
-    root = tmp_path / "cards"
-    shutil.copytree(CARDS, root)
-    BROKEN["dangling-value-set"][0](root)
-    result = subprocess.run([sys.executable, "-m", "cds"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            env={"PATH": "/usr/bin:/bin", "CDS_ENV": "dev", "CDS_KNOWLEDGE_DIR": str(root),
-                                 "PORT": "1"})
-    assert result.returncode == 2
-    assert "no-such-set" in result.stdout + result.stderr
+def test_silent_and_active_overrides() -> None:
+    kb = load_knowledge(CARDS)
+    assert kb.with_overrides(silent=["bleeding-risk"]) is kb  # applied at start-up, on the loaded knowledge
+    assert kb.silent == {"bleeding-risk"} and kb.status(kb.by_id["bleeding-risk"]) == "silent"
+    shown = kb.without(kb.silent)
+    assert "bleeding-risk" not in shown.by_id and "bleeding-risk" not in {r.id for r in shown.rules}
+    assert shown.silent == frozenset() and len(shown.rules) == len(kb.rules) - 1
+    with pytest.raises(ConfigError, match="unknown rule"):
+        kb.with_overrides(silent=["no-such-rule"])
+    with pytest.raises(ConfigError, match="both silent and active"):
+        kb.with_overrides(silent=["pregnancy"], active=["pregnancy"])

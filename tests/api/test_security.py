@@ -114,22 +114,20 @@ def issuer(server: JwksServer, keys: dict[str, Any]) -> tuple[str, dict[str, Any
     return url, {ISS: {"jwks_url": url}}
 
 
-def run(settings: Settings, tokens: list[str | None], path: str = PATH,
-        clock: Callable[[], float] = time.time, between: Callable[[int], None] | None = None) -> list[Any]:
+async def verify(settings: Settings, tokens: list[str | None], path: str = PATH,
+                 clock: Callable[[], float] = time.time, between: Callable[[int], None] | None = None) -> list[Any]:
     """Verify tokens in order with one verifier; each result is the claims, or the rejection reason (str)."""
-    async def go() -> list[Any]:
-        async with httpx.AsyncClient() as http:
-            verifier = ClientVerifier(settings, http, MemoryReplayCache(clock), clock)
-            out: list[Any] = []
-            for i, token in enumerate(tokens):
-                if between:
-                    between(i)
-                try:
-                    out.append(await verifier.verify(None if token is None else f"Bearer {token}", path))
-                except NotAuthenticated as exc:
-                    out.append(exc.message)
-            return out
-    return asyncio.run(go())
+    async with httpx.AsyncClient() as http:
+        verifier = ClientVerifier(settings, http, MemoryReplayCache(clock), clock)
+        out: list[Any] = []
+        for i, token in enumerate(tokens):
+            if between:
+                between(i)
+            try:
+                out.append(await verifier.verify(None if token is None else f"Bearer {token}", path))
+            except NotAuthenticated as exc:
+                out.append(exc.message)
+        return out
 
 
 def rejected(result: Any, reason: str) -> bool:
@@ -140,226 +138,255 @@ def rejected(result: Any, reason: str) -> bool:
 
 # ---------------------------------------------------------------- happy paths
 
-def test_rs384_token_is_accepted(issuer, keys, server):
+@pytest.mark.anyio
+async def test_rs384_token_is_accepted(issuer, keys, server):
     _, cfg = issuer
-    [result] = run(make_settings(cfg), [sign(keys["rsa"], "RS384", "rsa-1")])
+    [result] = await verify(make_settings(cfg), [sign(keys["rsa"], "RS384", "rsa-1")])
     assert result["iss"] == ISS and result["aud"] == AUD
 
 
-def test_es384_token_is_accepted(issuer, keys):
-    [result] = run(make_settings(issuer[1]), [sign(keys["ec"], "ES384", "ec-1")])
+@pytest.mark.anyio
+async def test_es384_token_is_accepted(issuer, keys):
+    [result] = await verify(make_settings(issuer[1]), [sign(keys["ec"], "ES384", "ec-1")])
     assert result["iss"] == ISS
 
 
-def test_aud_array_containing_the_endpoint_is_accepted(issuer, keys):
+@pytest.mark.anyio
+async def test_aud_array_containing_the_endpoint_is_accepted(issuer, keys):
     token = sign(keys["ec"], "ES384", "ec-1", claims(aud=["https://other.example.org", AUD]))
-    assert isinstance(run(make_settings(issuer[1]), [token])[0], dict)
+    assert isinstance((await verify(make_settings(issuer[1]), [token]))[0], dict)
 
 
 @pytest.mark.parametrize("alg", ["RS256", "PS256", "PS384"])
-def test_other_rsa_algorithms_with_a_key_without_alg(server, keys, alg):
+@pytest.mark.anyio
+async def test_other_rsa_algorithms_with_a_key_without_alg(server, keys, alg):
     url = server.publish(f"/jwks-{next(_paths)}.json", {"keys": [public_jwk(keys["rsa"], "r")]})
-    assert isinstance(run(make_settings({ISS: {"jwks_url": url}}), [sign(keys["rsa"], alg, "r")])[0], dict)
+    assert isinstance((await verify(make_settings({ISS: {"jwks_url": url}}), [sign(keys["rsa"], alg, "r")]))[0], dict)
 
 
-def test_keys_are_cached_and_aud_follows_the_path_called(issuer, keys, server):
+@pytest.mark.anyio
+async def test_keys_are_cached_and_aud_follows_the_path_called(issuer, keys, server):
     url, cfg = issuer
     feedback = PATH + "/feedback"
     tokens = [sign(keys["rsa"], "RS384", "rsa-1"), sign(keys["ec"], "ES384", "ec-1"),
               sign(keys["rsa"], "RS384", "rsa-1", claims(aud=BASE + feedback))]
-    results = run(make_settings(cfg, public_base_url=BASE + "/"), tokens[:2]) + \
-        run(make_settings(cfg), tokens[2:], path=feedback)
+    results = await verify(make_settings(cfg, public_base_url=BASE + "/"), tokens[:2]) + \
+        await verify(make_settings(cfg), tokens[2:], path=feedback)
     assert all(isinstance(r, dict) for r in results)
     assert server.hits[url.removeprefix(server.base_url)] == 2  # once per verifier (process), not per token
 
 
-def test_inline_jwks_is_never_fetched(keys, server):
+@pytest.mark.anyio
+async def test_inline_jwks_is_never_fetched(keys, server):
     before = sum(server.hits.values())
     settings = make_settings({ISS: {"jwks": {"keys": [public_jwk(keys["ec"], "ec-1", "ES384")]}}})
-    assert isinstance(run(settings, [sign(keys["ec"], "ES384", "ec-1")])[0], dict)
+    assert isinstance((await verify(settings, [sign(keys["ec"], "ES384", "ec-1")]))[0], dict)
     assert sum(server.hits.values()) == before
 
 
-def test_expiry_within_leeway_is_accepted(issuer, keys):
+@pytest.mark.anyio
+async def test_expiry_within_leeway_is_accepted(issuer, keys):
     now = int(time.time())
     token = sign(keys["rsa"], "RS384", "rsa-1", claims(exp=now - 30, iat=now - 200))
-    assert isinstance(run(make_settings(issuer[1]), [token])[0], dict)
+    assert isinstance((await verify(make_settings(issuer[1]), [token]))[0], dict)
 
 
 # ---------------------------------------------------------------- rejections (issue 4)
 
-def test_no_authorization_or_not_bearer(issuer):
+@pytest.mark.anyio
+async def test_no_authorization_or_not_bearer(issuer):
     settings = make_settings(issuer[1])
-    assert rejected(run(settings, [None])[0], "no Authorization")
-    assert rejected(run(settings, ["not-a-jwt"])[0], "not a compact JWT")
+    assert rejected((await verify(settings, [None]))[0], "no Authorization")
+    assert rejected((await verify(settings, ["not-a-jwt"]))[0], "not a compact JWT")
 
 
-def test_alg_none_is_rejected(issuer):
+@pytest.mark.anyio
+async def test_alg_none_is_rejected(issuer):
     token = forge({"alg": "none", "typ": "JWT", "kid": "rsa-1"}, claims())
-    assert rejected(run(make_settings(issuer[1]), [token])[0], "alg 'none' is not accepted")
+    assert rejected((await verify(make_settings(issuer[1]), [token]))[0], "alg 'none' is not accepted")
 
 
-def test_hs256_signed_with_the_public_key_is_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_hs256_signed_with_the_public_key_is_rejected(issuer, keys):
     pem = keys["rsa"].public_key().public_bytes(serialization.Encoding.PEM,
                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
     token = forge({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}, claims(), secret=pem)
-    assert rejected(run(make_settings(issuer[1]), [token])[0], "alg 'HS256' is not accepted")
+    assert rejected((await verify(make_settings(issuer[1]), [token]))[0], "alg 'HS256' is not accepted")
 
 
-def test_alg_not_matching_the_key_is_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_alg_not_matching_the_key_is_rejected(issuer, keys):
     ec_for_rsa_kid = sign(keys["ec"], "ES384", "rsa-1")
     ps_for_rs384_key = sign(keys["rsa"], "PS384", "rsa-1")  # the JWK says alg RS384
-    results = run(make_settings(issuer[1]), [ec_for_rsa_kid, ps_for_rs384_key])
+    results = await verify(make_settings(issuer[1]), [ec_for_rsa_kid, ps_for_rs384_key])
     assert all(rejected(r, "does not match key") for r in results)
 
 
-def test_unknown_issuer_is_rejected(issuer, keys, server):
+@pytest.mark.anyio
+async def test_unknown_issuer_is_rejected(issuer, keys, server):
     url, cfg = issuer
     token = sign(keys["rsa"], "RS384", "rsa-1", claims(iss="https://evil.example.org"))
-    assert rejected(run(make_settings(cfg), [token])[0], "is not trusted")
+    assert rejected((await verify(make_settings(cfg), [token]))[0], "is not trusted")
     assert server.hits[url.removeprefix(server.base_url)] == 0
 
 
-def test_bad_signature_is_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_bad_signature_is_rejected(issuer, keys):
     forged = sign(keys["attacker"], "RS384", "rsa-1")
     head, _, sig = sign(keys["rsa"], "RS384", "rsa-1").split(".")
     tampered = ".".join([head, b64(json.dumps(claims(jti="x")).encode()), sig])
-    results = run(make_settings(issuer[1]), [forged, tampered])
+    results = await verify(make_settings(issuer[1]), [forged, tampered])
     assert all(rejected(r, "signature rejected") for r in results)
 
 
-def test_wrong_aud_is_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_wrong_aud_is_rejected(issuer, keys):
     settings = make_settings(issuer[1])
     wrong = sign(keys["rsa"], "RS384", "rsa-1", claims(aud=BASE + "/cds-services/other"))
-    assert rejected(run(settings, [wrong])[0], "aud")
+    assert rejected((await verify(settings, [wrong]))[0], "aud")
     right_token_wrong_path = sign(keys["rsa"], "RS384", "rsa-1")
-    assert rejected(run(settings, [right_token_wrong_path], path=PATH + "/feedback")[0], "aud")
+    assert rejected((await verify(settings, [right_token_wrong_path], path=PATH + "/feedback"))[0], "aud")
     no_aud = sign(keys["rsa"], "RS384", "rsa-1", claims(aud=None))
-    assert rejected(run(settings, [no_aud])[0], "aud")
+    assert rejected((await verify(settings, [no_aud]))[0], "aud")
 
 
-def test_aud_list_without_the_endpoint_is_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_aud_list_without_the_endpoint_is_rejected(issuer, keys):
     token = sign(keys["rsa"], "RS384", "rsa-1", claims(aud=["https://cds.example.org" + PATH, BASE]))
-    assert rejected(run(make_settings(issuer[1]), [token])[0], "aud")
+    assert rejected((await verify(make_settings(issuer[1]), [token]))[0], "aud")
 
 
-def test_expired_token_is_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_expired_token_is_rejected(issuer, keys):
     now = int(time.time())
     token = sign(keys["rsa"], "RS384", "rsa-1", claims(exp=now - 120, iat=now - 400))
-    assert rejected(run(make_settings(issuer[1]), [token])[0], "expired")
+    assert rejected((await verify(make_settings(issuer[1]), [token]))[0], "expired")
 
 
-def test_iat_in_the_future_is_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_iat_in_the_future_is_rejected(issuer, keys):
     now = int(time.time())
     token = sign(keys["rsa"], "RS384", "rsa-1", claims(iat=now + 300, exp=now + 600))
-    assert rejected(run(make_settings(issuer[1]), [token])[0], "iat")
+    assert rejected((await verify(make_settings(issuer[1]), [token]))[0], "iat")
 
 
-def test_missing_exp_or_iat_and_overlong_lifetime_are_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_missing_exp_or_iat_and_overlong_lifetime_are_rejected(issuer, keys):
     now = int(time.time())
     tokens = [sign(keys["rsa"], "RS384", "rsa-1", claims(exp=None)),
               sign(keys["rsa"], "RS384", "rsa-1", claims(iat=None)),
               sign(keys["rsa"], "RS384", "rsa-1", claims(exp=now + 86400))]
-    a, b, c = run(make_settings(issuer[1]), tokens)
+    a, b, c = await verify(make_settings(issuer[1]), tokens)
     assert rejected(a, "claim exp") and rejected(b, "claim iat") and rejected(c, "more than 3600")
 
 
-def test_missing_jti_is_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_missing_jti_is_rejected(issuer, keys):
     token = sign(keys["rsa"], "RS384", "rsa-1", claims(jti=None))
-    assert rejected(run(make_settings(issuer[1]), [token])[0], "jti missing")
+    assert rejected((await verify(make_settings(issuer[1]), [token]))[0], "jti missing")
 
 
-def test_replayed_jti_is_rejected(issuer, keys, server):
+@pytest.mark.anyio
+async def test_replayed_jti_is_rejected(issuer, keys, server):
     token = sign(keys["rsa"], "RS384", "rsa-1")
-    first, again = run(make_settings(issuer[1]), [token, token])
+    first, again = await verify(make_settings(issuer[1]), [token, token])
     assert isinstance(first, dict) and rejected(again, "jti replayed")
 
 
-def test_same_jti_from_two_issuers_is_not_a_replay(issuer, keys):
+@pytest.mark.anyio
+async def test_same_jti_from_two_issuers_is_not_a_replay(issuer, keys):
     url, cfg = issuer
     cfg = {**cfg, "https://other-ehr.example.org": {"jwks_url": url}}
     a = sign(keys["rsa"], "RS384", "rsa-1", claims(jti="same"))
     b = sign(keys["rsa"], "RS384", "rsa-1", claims(jti="same", iss="https://other-ehr.example.org"))
-    assert all(isinstance(r, dict) for r in run(make_settings(cfg), [a, b]))
+    assert all(isinstance(r, dict) for r in await verify(make_settings(cfg), [a, b]))
 
 
-def test_replay_cache_forgets_after_expiry():
+@pytest.mark.anyio
+async def test_replay_cache_forgets_after_expiry():
     now = [1000.0]
     cache = MemoryReplayCache(lambda: now[0])
     assert isinstance(cache, ReplayCache)
 
-    async def go() -> list[bool]:
-        first = await cache.claim("k", 1010.0)
-        again = await cache.claim("k", 1010.0)
-        now[0] = 1011.0
-        return [first, again, await cache.claim("k", 1020.0)]
-    assert asyncio.run(go()) == [True, False, True]
+    first = await cache.claim("k", 1010.0)
+    again = await cache.claim("k", 1010.0)
+    now[0] = 1011.0
+    assert [first, again, await cache.claim("k", 1020.0)] == [True, False, True]
 
 
-def test_tenant_must_be_allowed_when_the_issuer_lists_tenants(issuer, keys):
+@pytest.mark.anyio
+async def test_tenant_must_be_allowed_when_the_issuer_lists_tenants(issuer, keys):
     url, _ = issuer
     settings = make_settings({ISS: {"jwks_url": url, "tenants": ["clinic-a"]}})
     tokens = [sign(keys["rsa"], "RS384", "rsa-1", claims(tenant="clinic-a")),
               sign(keys["rsa"], "RS384", "rsa-1", claims(tenant="clinic-b")),
               sign(keys["rsa"], "RS384", "rsa-1")]
-    ok, other, missing = run(settings, tokens)
+    ok, other, missing = await verify(settings, tokens)
     assert ok["tenant"] == "clinic-a"
     assert rejected(other, "tenant") and rejected(missing, "tenant")
 
 
 @pytest.mark.parametrize("typ", [None, "at+jwt", "JWS"])
-def test_missing_or_wrong_typ_is_rejected(issuer, keys, typ):
+@pytest.mark.anyio
+async def test_missing_or_wrong_typ_is_rejected(issuer, keys, typ):
     token = sign(keys["rsa"], "RS384", "rsa-1", typ=typ)
-    assert rejected(run(make_settings(issuer[1]), [token])[0], "typ")
+    assert rejected((await verify(make_settings(issuer[1]), [token]))[0], "typ")
 
 
-def test_typ_is_compared_case_insensitively(issuer, keys):
+@pytest.mark.anyio
+async def test_typ_is_compared_case_insensitively(issuer, keys):
     """RFC 7519 section 5.1: `typ` values are compared case-insensitively ("JWT" is only recommended)."""
     token = sign(keys["rsa"], "RS384", "rsa-1", typ="jwt")
-    assert isinstance(run(make_settings(issuer[1]), [token])[0], dict)
+    assert isinstance((await verify(make_settings(issuer[1]), [token]))[0], dict)
 
 
-def test_missing_kid_is_rejected(issuer, keys):
+@pytest.mark.anyio
+async def test_missing_kid_is_rejected(issuer, keys):
     token = sign(keys["rsa"], "RS384", None)
     assert "kid" not in jwt.get_unverified_header(token)
-    assert rejected(run(make_settings(issuer[1]), [token])[0], "no usable kid")
+    assert rejected((await verify(make_settings(issuer[1]), [token]))[0], "no usable kid")
 
 
-def test_kid_not_in_jwks_is_rejected_even_if_another_key_would_verify(issuer, keys, server):
+@pytest.mark.anyio
+async def test_kid_not_in_jwks_is_rejected_even_if_another_key_would_verify(issuer, keys, server):
     url, cfg = issuer
     token = sign(keys["rsa"], "RS384", "rsa-other")  # same key material as rsa-1, other kid
-    assert rejected(run(make_settings(cfg), [token])[0], "kid 'rsa-other' is not in the JWKS")
+    assert rejected((await verify(make_settings(cfg), [token]))[0], "kid 'rsa-other' is not in the JWKS")
     assert server.hits[url.removeprefix(server.base_url)] == 1  # fetched just now: no second fetch
 
 
-def test_jku_not_on_the_list_is_never_fetched(issuer, keys, server):
+@pytest.mark.anyio
+async def test_jku_not_on_the_list_is_never_fetched(issuer, keys, server):
     url, cfg = issuer
     evil = server.publish(f"/evil-{next(_paths)}.json",
                           {"keys": [public_jwk(keys["attacker"], "a", "RS384")]})
     token = sign(keys["attacker"], "RS384", "a", jku=evil)
-    assert rejected(run(make_settings(cfg), [token])[0], "is not on the list")
+    assert rejected((await verify(make_settings(cfg), [token]))[0], "is not on the list")
     assert server.hits[evil.removeprefix(server.base_url)] == 0
     assert server.hits[url.removeprefix(server.base_url)] <= 1  # the issuer's configured keys: kid 'a' is not there
 
 
-def test_jku_on_the_list_is_used(issuer, keys, server):
+@pytest.mark.anyio
+async def test_jku_on_the_list_is_used(issuer, keys, server):
     url, _ = issuer
     listed = server.publish(f"/listed-{next(_paths)}.json",
                             {"keys": [public_jwk(keys["ec"], "ec-9", "ES384")]})
     settings = make_settings({ISS: {"jwks_url": url, "jku": [listed]}})
-    [result] = run(settings, [sign(keys["ec"], "ES384", "ec-9", jku=listed)])
+    [result] = await verify(settings, [sign(keys["ec"], "ES384", "ec-9", jku=listed)])
     assert isinstance(result, dict)
     assert server.hits[listed.removeprefix(server.base_url)] == 1
     assert server.hits[url.removeprefix(server.base_url)] == 0
 
 
-def test_jku_only_issuer_rejects_a_token_without_jku(keys, server):
+@pytest.mark.anyio
+async def test_jku_only_issuer_rejects_a_token_without_jku(keys, server):
     listed = server.publish(f"/listed-{next(_paths)}.json", {"keys": [public_jwk(keys["ec"], "ec-1")]})
     settings = make_settings({ISS: {"jku": [listed]}})
-    assert rejected(run(settings, [sign(keys["ec"], "ES384", "ec-1")])[0], "only trusts listed jku")
+    assert rejected((await verify(settings, [sign(keys["ec"], "ES384", "ec-1")]))[0], "only trusts listed jku")
 
 
-def test_unknown_kid_refetches_once_per_interval(issuer, keys, server):
+@pytest.mark.anyio
+async def test_unknown_kid_refetches_once_per_interval(issuer, keys, server):
     url, cfg = issuer
     path = url.removeprefix(server.base_url)
     now = [time.time()]
@@ -372,7 +399,7 @@ def test_unknown_kid_refetches_once_per_interval(issuer, keys, server):
     tokens = [sign(keys["rsa"], "RS384", "rsa-1"), sign(keys["ec"], "ES384", "ec-new"),
               sign(keys["ec"], "ES384", "ec-other"), sign(keys["ec"], "ES384", "ec-new")]
     hits = []
-    results = run(make_settings(cfg), tokens, clock=lambda: now[0],
+    results = await verify(make_settings(cfg), tokens, clock=lambda: now[0],
                   between=lambda i: (hits.append(server.hits[path]), step(i)))
     assert isinstance(results[0], dict)
     assert rejected(results[1], "not in the JWKS") and rejected(results[2], "not in the JWKS")
@@ -380,10 +407,11 @@ def test_unknown_kid_refetches_once_per_interval(issuer, keys, server):
     assert isinstance(results[3], dict) and server.hits[path] == 3
 
 
-def test_unreachable_jwks_is_not_hammered(keys, server):
+@pytest.mark.anyio
+async def test_unreachable_jwks_is_not_hammered(keys, server):
     missing = server.url(f"/missing-{next(_paths)}.json")
     token = sign(keys["rsa"], "RS384", "rsa-1")
-    results = run(make_settings({ISS: {"jwks_url": missing}}), [token, sign(keys["rsa"], "RS384", "rsa-1")])
+    results = await verify(make_settings({ISS: {"jwks_url": missing}}), [token, sign(keys["rsa"], "RS384", "rsa-1")])
     assert all(rejected(r, "unavailable") for r in results)
     assert server.hits[missing.removeprefix(server.base_url)] == 1
 
@@ -512,31 +540,33 @@ def test_log_times_are_written_as_datetime_writes_them():
         assert formatter.timestamp(created) == datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
 
 
-def test_absurd_claim_values_are_rejected_not_crashing(issuer, keys):
+@pytest.mark.anyio
+async def test_absurd_claim_values_are_rejected_not_crashing(issuer, keys):
     tokens = [sign(keys["rsa"], "RS384", "rsa-1", claims(exp=10**400)),
               sign(keys["rsa"], "RS384", "rsa-1", claims(exp="soon")),
               sign(keys["rsa"], "RS384", "rsa-1", claims(iat=True)),
               sign(keys["rsa"], "RS384", "rsa-1", claims(aud={"x": 1}, tenant=["a"])),
               "eyJhbGciOiJSUzM4NCJ9.bm90IGpzb24.c2ln"]
-    results = run(make_settings(issuer[1]), tokens)
+    results = await verify(make_settings(issuer[1]), tokens)
     assert all(isinstance(r, str) for r in results), results
 
 
-def test_concurrent_cold_start_fetches_the_jwks_once(issuer, keys, server):
+@pytest.mark.anyio
+async def test_concurrent_cold_start_fetches_the_jwks_once(issuer, keys, server):
     url, cfg = issuer
     tokens = [sign(keys["ec"], "ES384", "ec-1") for _ in range(20)]
 
-    async def go() -> list[Any]:
-        async with httpx.AsyncClient() as http:
-            verifier = ClientVerifier(make_settings(cfg), http, MemoryReplayCache())
-            return await asyncio.gather(*(verifier.verify(f"Bearer {t}", PATH) for t in tokens))
-    assert all(isinstance(r, dict) for r in asyncio.run(go()))
+    async with httpx.AsyncClient() as http:
+        verifier = ClientVerifier(make_settings(cfg), http, MemoryReplayCache())
+        results = await asyncio.gather(*(verifier.verify(f"Bearer {t}", PATH) for t in tokens))
+    assert all(isinstance(r, dict) for r in results)
     assert server.hits[url.removeprefix(server.base_url)] == 1
 
 
-def test_the_token_never_reaches_the_log(issuer, keys, caplog):
+@pytest.mark.anyio
+async def test_the_token_never_reaches_the_log(issuer, keys, caplog):
     caplog.set_level(logging.DEBUG)
     good, bad = sign(keys["rsa"], "RS384", "rsa-1"), sign(keys["attacker"], "RS384", "rsa-1")
-    run(make_settings(issuer[1]), [good, bad, good])
+    await verify(make_settings(issuer[1]), [good, bad, good])
     assert "JWKS fetched" in caplog.text
     assert good not in caplog.text and bad not in caplog.text and "eyJ" not in caplog.text

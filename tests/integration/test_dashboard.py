@@ -3,7 +3,6 @@ and CSV pages through the real service (protected like /feedback/summary)."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -49,29 +48,28 @@ def overridden(uid: str, reason: str = "record-outdated") -> FeedbackEntry:
     return FeedbackEntry(uid, "overridden", MONDAY + timedelta(days=60), override_reason_code=reason)
 
 
-def test_weekly_counts_and_period(db_url: str) -> None:
-    async def scenario() -> None:
-        async with await Store.open(db_url) as store:
-            await store.record_cards([
-                issued("a1", MONDAY), issued("a2", MONDAY + timedelta(days=6, hours=13)),  # Sunday 23:00: same week
-                issued("a3", MONDAY + timedelta(days=7)), issued("s1", MONDAY + timedelta(days=7), silent=True),
-                issued("b1", MONDAY + timedelta(days=21), rule="bleeding-risk"),
-            ])
-            await store.record_feedback([overridden("a1"), overridden("a3", "negative-pregnancy-test")])
-            weeks = await store.weekly()
-            assert weeks == [
-                {"week": "2026-10-05", "issued": 2, "silent": 0, "accepted": 0, "overridden": 1},
-                {"week": "2026-10-12", "issued": 1, "silent": 1, "accepted": 0, "overridden": 1},
-                {"week": "2026-10-26", "issued": 1, "silent": 0, "accepted": 0, "overridden": 0},
-            ]
-            assert await store.weekly(rule="bleeding-risk") == [
-                {"week": "2026-10-26", "issued": 1, "silent": 0, "accepted": 0, "overridden": 0}]
-            second_week = await store.summary(MONDAY + timedelta(days=7), MONDAY + timedelta(days=14))
-            assert second_week == {"rules": [
-                {"rule": "pregnancy", "version": "1", "issued": 1, "silent": 1, "accepted": 0, "overridden": 1,
-                 "override_reasons": {"negative-pregnancy-test": 1}, "suppressed": 0}]}
-            assert (await store.summary(until=MONDAY))["rules"] == []
-    asyncio.run(scenario())
+@pytest.mark.anyio
+async def test_weekly_counts_and_period(db_url: str) -> None:
+    async with await Store.open(db_url) as store:
+        await store.record_cards([
+            issued("a1", MONDAY), issued("a2", MONDAY + timedelta(days=6, hours=13)),  # Sunday 23:00: same week
+            issued("a3", MONDAY + timedelta(days=7)), issued("s1", MONDAY + timedelta(days=7), silent=True),
+            issued("b1", MONDAY + timedelta(days=21), rule="bleeding-risk"),
+        ])
+        await store.record_feedback([overridden("a1"), overridden("a3", "negative-pregnancy-test")])
+        weeks = await store.weekly()
+        assert weeks == [
+            {"week": "2026-10-05", "issued": 2, "silent": 0, "accepted": 0, "overridden": 1},
+            {"week": "2026-10-12", "issued": 1, "silent": 1, "accepted": 0, "overridden": 1},
+            {"week": "2026-10-26", "issued": 1, "silent": 0, "accepted": 0, "overridden": 0},
+        ]
+        assert await store.weekly(rule="bleeding-risk") == [
+            {"week": "2026-10-26", "issued": 1, "silent": 0, "accepted": 0, "overridden": 0}]
+        second_week = await store.summary(MONDAY + timedelta(days=7), MONDAY + timedelta(days=14))
+        assert second_week == {"rules": [
+            {"rule": "pregnancy", "version": "1", "issued": 1, "silent": 1, "accepted": 0, "overridden": 1,
+             "override_reasons": {"negative-pregnancy-test": 1}, "suppressed": 0}]}
+        assert (await store.summary(until=MONDAY))["rules"] == []
 
 
 def cards_for(svc: Service, n: int = 1) -> list[dict[str, Any]]:

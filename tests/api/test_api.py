@@ -1,20 +1,23 @@
-"""The HTTP contract: discovery, request validation, error bodies, card shape (CDS Hooks 2.0)."""
+"""The HTTP contract: discovery, request validation, error bodies, card shape (CDS Hooks 2.0), in process: the app
+as `python -m cds` serves it, called over ASGI (conftest.in_process)."""
 
 from __future__ import annotations
 
 import copy
 import re
-import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from conftest import load_fixture
-from test_scenarios import assert_no_empty_values
+from scenarios import assert_no_empty_values
+
+pytestmark = pytest.mark.anyio
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 RESTRICTED_QUERY = re.compile(r"^[A-Z][A-Za-z]+(/\{\{context\.\w+\}\}|\?[\w\-:.]+=[^&]+(&[\w\-:.]+=[^&]+)*)$")
@@ -53,8 +56,8 @@ RECORD_KEYS = {"patient", "conditions", "allergies", "pregnancyStatus", "breastf
                "medicationStatements"}
 
 
-def test_discovery_lists_one_service_per_hook(client: httpx.Client) -> None:
-    response = client.get("/cds-services")
+async def test_discovery_lists_one_service_per_hook(api: httpx.AsyncClient) -> None:
+    response = await api.get("/cds-services")
     assert response.status_code == 200
     services = response.json()["services"]
     assert [(s["id"], s["hook"]) for s in services] == [
@@ -72,11 +75,11 @@ def test_discovery_lists_one_service_per_hook(client: httpx.Client) -> None:
     assert_no_empty_values(response.json())
 
 
-def test_cards_are_valid_and_ordered_by_urgency(client: httpx.Client) -> None:
+async def test_cards_are_valid_and_ordered_by_urgency(api: httpx.AsyncClient) -> None:
     request = scenario_request("ingredient-allergy-lidocaine-plus-penicillin")
     request["prefetch"]["conditions"]["entry"] = scenario_request(
         "pregnancy-active-condition-snomed")["prefetch"]["conditions"]["entry"]
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     assert response.status_code == 200
     body = response.json()
     assert_no_empty_values(body)
@@ -91,20 +94,20 @@ def test_cards_are_valid_and_ordered_by_urgency(client: httpx.Client) -> None:
     assert len({c["uuid"] for c in cards}) == len(cards)
 
 
-def test_card_ids_are_time_ordered_so_the_audit_index_grows_at_its_end(client: httpx.Client) -> None:
+async def test_card_ids_are_time_ordered_so_the_audit_index_grows_at_its_end(api: httpx.AsyncClient) -> None:
     ids = []
     for _ in range(3):
-        cards = client.post(SERVICE, json=scenario_request("pregnancy-active-condition-snomed")).json()["cards"]
+        cards = (await api.post(SERVICE, json=scenario_request("pregnancy-active-condition-snomed"))).json()["cards"]
         ids += [c["uuid"] for c in cards] + [s["uuid"] for c in cards for s in c["suggestions"]]
-        time.sleep(0.002)  # version-7 ids order by millisecond first
+        await anyio.sleep(0.002)  # version-7 ids order by millisecond first
     assert {uuid.UUID(i).version for i in ids} == {7}
     per_request = len(ids) // 3
     firsts = [ids[i * per_request] for i in range(3)]
     assert firsts == sorted(firsts) and len(set(ids)) == len(ids)
 
 
-def test_card_detail_cites_evidence_and_source(client: httpx.Client) -> None:
-    response = client.post(SERVICE, json=scenario_request("pregnancy-active-condition-snomed"))
+async def test_card_detail_cites_evidence_and_source(api: httpx.AsyncClient) -> None:
+    response = await api.post(SERVICE, json=scenario_request("pregnancy-active-condition-snomed"))
     card = response.json()["cards"][0]
     assert card["summary"] == "Mesotherapy contraindicated: active pregnancy"
     detail = card["detail"]
@@ -115,13 +118,13 @@ def test_card_detail_cites_evidence_and_source(client: httpx.Client) -> None:
     assert label.startswith("The hospital's article (Tam Anh General Hospital, Hanoi, Department of Aesthetics")
     assert "the clinic's article \"Can I consider the fractional microneedle mesotherapy during pregnancy?\"" in label
     assert card["source"]["url"] == card["links"][0]["url"]
-    page = httpx.get(card["links"][0]["url"])
+    page = await api.get(card["links"][0]["url"])
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "version 2" in page.text and "absolute contraindications" in page.text
 
 
-def test_no_mesotherapy_order_gives_empty_cards(client: httpx.Client) -> None:
-    response = client.post(SERVICE, json=scenario_request("order-select-only-lab-selected-no-cards"))
+async def test_no_mesotherapy_order_gives_empty_cards(api: httpx.AsyncClient) -> None:
+    response = await api.post(SERVICE, json=scenario_request("order-select-only-lab-selected-no-cards"))
     assert response.status_code == 200
     assert response.json() == {"cards": []}
 
@@ -150,10 +153,10 @@ def test_no_mesotherapy_order_gives_empty_cards(client: httpx.Client) -> None:
         "no-selections", "empty-selections", "unknown-selection", "no-draftOrders", "draftOrders-not-bundle",
         "draftOrders-entry-not-array", "auth-without-server", "bad-fhirServer", "unserved-hook", "prefetch-not-object",
         "patientId-comma-list", "patientId-extra-parameter", "patientId-too-long"])
-def test_bad_requests_get_400_naming_the_problem(client: httpx.Client, mutate: Any, expected: str) -> None:
+async def test_bad_requests_get_400_naming_the_problem(api: httpx.AsyncClient, mutate: Any, expected: str) -> None:
     request = copy.deepcopy(scenario_request("pregnancy-active-condition-snomed"))
     mutate(request)
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     assert response.status_code == 400, response.text
     assert response.headers["content-type"].startswith("application/fhir+json")
     outcome = response.json()
@@ -163,42 +166,43 @@ def test_bad_requests_get_400_naming_the_problem(client: httpx.Client, mutate: A
 
 @pytest.mark.parametrize("body", [b"{not json", b"", b"[]", b'"text"', b"[" * 5000 + b"]" * 5000],
                          ids=["malformed", "empty", "array", "string", "deeply-nested"])
-def test_malformed_bodies_get_400(client: httpx.Client, body: bytes) -> None:
-    response = client.post(SERVICE, content=body, headers={"Content-Type": "application/json"})
+async def test_malformed_bodies_get_400(api: httpx.AsyncClient, body: bytes) -> None:
+    response = await api.post(SERVICE, content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["resourceType"] == "OperationOutcome"
 
 
-def test_body_over_the_limit_gets_413(client: httpx.Client) -> None:
+async def test_body_over_the_limit_gets_413(api: httpx.AsyncClient) -> None:
     body = b"{" + b" " * 1_100_000 + b"}"
-    response = client.post(SERVICE, content=body, headers={"Content-Type": "application/json"})
+    response = await api.post(SERVICE, content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert response.json()["resourceType"] == "OperationOutcome"
 
 
-def test_unknown_service_gets_404(client: httpx.Client) -> None:
-    response = client.post("/cds-services/something-else", json=scenario_request("pregnancy-active-condition-snomed"))
+async def test_unknown_service_gets_404(api: httpx.AsyncClient) -> None:
+    request = scenario_request("pregnancy-active-condition-snomed")
+    response = await api.post("/cds-services/something-else", json=request)
     assert response.status_code == 404
     assert response.json()["resourceType"] == "OperationOutcome"
 
 
-def test_wrong_method_on_the_hook_gets_405(client: httpx.Client) -> None:
-    response = client.get(SERVICE)
+async def test_wrong_method_on_the_hook_gets_405(api: httpx.AsyncClient) -> None:
+    response = await api.get(SERVICE)
     assert response.status_code == 405
     assert response.json()["resourceType"] == "OperationOutcome"
 
 
-def test_extensions_and_unknown_fields_are_tolerated(client: httpx.Client) -> None:
+async def test_extensions_and_unknown_fields_are_tolerated(api: httpx.AsyncClient) -> None:
     request = scenario_request("pregnancy-active-condition-snomed")
     request["extension"] = {"org.example.flag": True}
     request["version"] = "3.0"
     request["context"]["extension"] = {"org.example.x": 1}
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     assert response.status_code == 200
     assert response.json()["cards"][0]["source"]["topic"]["code"] == "pregnancy"
 
 
-def test_dstu2_medication_order_does_not_crash(client: httpx.Client) -> None:
+async def test_dstu2_medication_order_does_not_crash(api: httpx.AsyncClient) -> None:
     request = scenario_request("pregnancy-active-condition-snomed")
     request["hook"] = "order-sign"
     request["context"].pop("selections", None)
@@ -206,7 +210,7 @@ def test_dstu2_medication_order_does_not_crash(client: httpx.Client) -> None:
         "resourceType": "MedicationOrder", "id": "mo-1", "status": "draft",
         "medicationCodeableConcept": {"text": "Mesotherapy cocktail with lidocaine"},
         "dosageInstruction": [{"text": "intradermal"}]}})
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     assert response.status_code == 200
     card = response.json()["cards"][0]
     assert card["source"]["topic"]["code"] == "pregnancy"
@@ -214,25 +218,25 @@ def test_dstu2_medication_order_does_not_crash(client: httpx.Client) -> None:
     assert "MedicationOrder/mo-1" in deletes
 
 
-def test_garbage_resources_in_prefetch_do_not_crash(client: httpx.Client) -> None:
+async def test_garbage_resources_in_prefetch_do_not_crash(api: httpx.AsyncClient) -> None:
     request = scenario_request("pregnancy-active-condition-snomed")
     request["prefetch"]["allergies"] = {"resourceType": "Bundle", "entry": [
         {"resource": {"resourceType": "AllergyIntolerance", "id": 5, "code": "peanut", "reaction": "bad"}},
         {"resource": "not an object"}, 7, {"fullUrl": "x"}]}
     request["prefetch"]["conditions"]["entry"].append({"resource": {"resourceType": "Condition", "code": [1, {}],
                                                                     "clinicalStatus": 3, "onsetDateTime": "garbage"}})
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     assert response.status_code == 200, response.text
     found = {c["source"]["topic"]["code"] for c in response.json()["cards"]}
     assert "pregnancy" in found
 
 
-def test_health_endpoints(client: httpx.Client) -> None:
-    assert client.get("/healthz").status_code == 200
-    assert client.get("/readyz").status_code == 200
+async def test_health_endpoints(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).status_code == 200
+    assert (await api.get("/readyz")).status_code == 200
 
 
-def test_medication_included_in_the_bundle_is_resolved(client: httpx.Client) -> None:
+async def test_medication_included_in_the_bundle_is_resolved(api: httpx.AsyncClient) -> None:
     request = scenario_request("type2-diabetes-metformin-no-card")
     request["prefetch"]["medicationRequests"] = {"resourceType": "Bundle", "type": "searchset", "entry": [
         {"resource": {"resourceType": "MedicationRequest", "id": "mr-ins", "status": "active", "intent": "order",
@@ -243,33 +247,33 @@ def test_medication_included_in_the_bundle_is_resolved(client: httpx.Client) -> 
                       "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "274783",
                                            "display": "insulin glargine"}]}},
          "search": {"mode": "include"}}]}
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     found = {c["source"]["topic"]["code"]: c["indicator"] for c in response.json()["cards"]}
     assert found.get("insulin-dependent-diabetes") == "critical"
 
 
-def test_trailing_slashes_are_answered_not_redirected(client: httpx.Client) -> None:
-    assert client.get("/cds-services/").status_code == 200
-    response = client.post(SERVICE + "/", json=scenario_request("pregnancy-active-condition-snomed"))
+async def test_trailing_slashes_are_answered_not_redirected(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/cds-services/")).status_code == 200
+    response = await api.post(SERVICE + "/", json=scenario_request("pregnancy-active-condition-snomed"))
     assert response.status_code == 200 and response.json()["cards"]
 
 
-def test_evidence_that_fails_fhir_validation_still_counts_and_the_card_says_so(client: httpx.Client) -> None:
+async def test_evidence_that_fails_fhir_validation_still_counts_and_the_card_says_so(api: httpx.AsyncClient) -> None:
     request = scenario_request("pregnancy-active-condition-snomed")
     condition = request["prefetch"]["conditions"]["entry"][0]["resource"]
     condition["onsetDateTime"] = "sometime in spring"  # not a FHIR dateTime
     condition["colour"] = "blue"  # not a Condition element
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     card = next(c for c in response.json()["cards"] if c["source"]["topic"]["code"] == "pregnancy")
     assert card["indicator"] == "critical"
     assert "did not pass FHIR validation" in card["detail"]
 
 
-def test_evidence_the_fhir_models_trip_over_still_counts_and_the_card_says_so(client: httpx.Client) -> None:
+async def test_evidence_the_fhir_models_trip_over_still_counts_and_the_card_says_so(api: httpx.AsyncClient) -> None:
     request = scenario_request("pregnancy-active-condition-snomed")
     condition = request["prefetch"]["conditions"]["entry"][0]["resource"]
     condition["contained"] = [{"resourceType": 5, "id": "x"}]  # fhir.resources raises TypeError, not a ValidationError
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     assert response.status_code == 200, response.text
     card = next(c for c in response.json()["cards"] if c["source"]["topic"]["code"] == "pregnancy")
     assert card["indicator"] == "critical"
@@ -280,11 +284,11 @@ def test_evidence_the_fhir_models_trip_over_still_counts_and_the_card_says_so(cl
     ("mesotherapy-order-select", "order-sign"), ("mesotherapy-order-sign", "order-select"),
     ("mesotherapy-patient-view", "order-select"), ("mesotherapy-appointment-book", "patient-view"),
     ("mesotherapy-contraindications", "patient-view")])
-def test_a_hook_sent_to_another_hooks_service_is_a_400_naming_the_served_hook(
-        client: httpx.Client, service_id: str, hook: str) -> None:
+async def test_a_hook_sent_to_another_hooks_service_is_a_400_naming_the_served_hook(
+        api: httpx.AsyncClient, service_id: str, hook: str) -> None:
     request = scenario_request("pregnancy-active-condition-snomed")
     request["hook"] = hook
-    response = client.post(f"/cds-services/{service_id}", json=request)
+    response = await api.post(f"/cds-services/{service_id}", json=request)
     assert response.status_code == 400
     served = {"mesotherapy-contraindications": "order-select, order-sign"}.get(
         service_id, service_id.removeprefix("mesotherapy-"))
@@ -293,13 +297,13 @@ def test_a_hook_sent_to_another_hooks_service_is_a_400_naming_the_served_hook(
 
 
 @pytest.mark.parametrize("hook", ["order-select", "order-sign"])
-def test_the_first_service_id_still_answers_both_order_hooks(client: httpx.Client, hook: str) -> None:
+async def test_the_first_service_id_still_answers_both_order_hooks(api: httpx.AsyncClient, hook: str) -> None:
     request = scenario_request("pregnancy-active-condition-snomed")
     request["hook"] = hook
     request["context"]["patientId"] = f"legacy-{hook}"  # the feedback below must not hide cards of other tests
-    response = client.post(SERVICE, json=request)
+    response = await api.post(SERVICE, json=request)
     assert response.status_code == 200 and response.json()["cards"][0]["source"]["topic"]["code"] == "pregnancy"
     card = response.json()["cards"][0]
     for service_id in (SERVICE, f"/cds-services/mesotherapy-{hook}"):  # feedback is taken at every service id
         entry = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-11-21T09:00:00Z"}
-        assert client.post(f"{service_id}/feedback", json={"feedback": [entry]}).status_code == 200
+        assert (await api.post(f"{service_id}/feedback", json={"feedback": [entry]})).status_code == 200
