@@ -32,7 +32,7 @@ $(VENV)/.installed: $(VENV)/.build-tools setup.py pyproject.toml requirements-de
 COMPILED_DIR := build/compiled
 COMPILED_ENV := PYTHONSAFEPATH=1 PYTHONPATH=$(CURDIR)/$(COMPILED_DIR)
 $(COMPILED_DIR)/.built: $(VENV)/.installed setup.py pyproject.toml $(shell find cds -type f -not -name '*.pyc')
-	rm -rf $(COMPILED_DIR) build/wheel
+	rm -rf $(COMPILED_DIR) build/wheel build/lib.* build/bdist.*  # setuptools packs whatever build/lib holds
 	CDS_COMPILE=1 $(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w build/wheel .
 	$(BIN)/python -m pip install --quiet --no-deps --target $(COMPILED_DIR) build/wheel/*.whl
 	$(COMPILED_ENV) $(BIN)/python -c "import cds, sys; print('cds:', cds.BUILD); sys.exit(not cds.COMPILED)"

@@ -44,6 +44,10 @@ def test_this_run_has_the_build_it_expects() -> None:
         assert cds.COMPILED and cds.BUILD.startswith("compiled"), cds.BUILD
         assert all(f.endswith(".so") for f in files), files
         assert not any(Path(f).is_relative_to(ROOT / "cds") for f in files), files
+        package = Path(cds.__file__).parent  # and no extension module left over from another build
+        built = {".".join(("cds", *p.relative_to(package).parts))[: -len("".join(p.suffixes))]
+                 for p in package.rglob("*.so")}
+        assert built == set(COMPILED), built ^ set(COMPILED)
     else:  # the editable install: the sources themselves, so an edit is what the next test runs
         assert not cds.COMPILED and cds.BUILD == "interpreted", cds.BUILD
         assert all(Path(f).is_relative_to(ROOT / "cds") and f.endswith(".py") for f in files), files
