@@ -138,4 +138,6 @@ def configure_logging(level: str = "INFO", fmt: Literal["json", "text"] = "json"
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("aiosqlite", "sqlalchemy"):  # at DEBUG, every statement and its parameters: not even then
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Alembic's INFO lines are its plugins and dialect at every start; the store logs each schema change itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     return handler

@@ -108,10 +108,8 @@ class Database:
     async def migrate(self, target: int | None = None) -> int:
         """Apply pending migrations (serialised across processes); returns the schema version."""
         async with self.guard("open"):
-            before, after = await migrations.upgrade(self._engine, target)
-        self._schema_ready = True
-        if before != after:
-            log.info("store schema upgraded from version %d to %d", before, after)
+            _, after = await migrations.upgrade(self._engine, target)
+        self._schema_ready = True  # migrations.upgrade_sync logged what it did
         return after
 
     async def schema_version(self) -> int:

@@ -120,6 +120,10 @@ def upgrade_sync(conn: Connection, target: int | None = None) -> tuple[int, int]
         log.info("store schema: the pre-alembic version %d stamped as revision %s", legacy, revision_id(legacy))
     if before < target:
         command.upgrade(cfg, revision_id(target))
+        for version in range(before + 1, target + 1):  # alembic's own INFO lines are off (cds.logs)
+            applied = script().get_revision(revision_id(version))
+            log.info("store schema: revision %s applied (%s)", revision_id(version),
+                     (applied.doc or "").split(".")[0] if applied is not None else "")
         log.info("store schema migrated from version %d to %d", before, target)
     return before, max(before, target)
 
