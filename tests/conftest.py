@@ -75,13 +75,20 @@ class Service:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        # the build choice (cds/__init__.py) is the one CDS_ variable the suite's own environment decides
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}  # the test says every setting
         self.data_dir = tempfile.mkdtemp(prefix="cds-test-data-")
         self.env.update({"HOST": "127.0.0.1", "PORT": str(self.port), "CDS_LOG_LEVEL": "WARNING",
                          "CDS_DATA_DIR": self.data_dir})
         self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def trusting(cls, issuer: str, jwks_url: str, **env: str) -> Service:
+        """A production-mode service that trusts one EHR, `issuer`, whose keys are at `jwks_url`."""
+        svc = cls()
+        svc.env.update({"CDS_ENV": "prod", "CDS_PUBLIC_BASE_URL": svc.base_url, "CDS_PSEUDONYM_KEY": "k",
+                        "CDS_TRUSTED_ISSUERS": json.dumps({issuer: {"jwks_url": jwks_url}}), **env})
+        return svc
 
     def start(self) -> Service:
         self.proc = subprocess.Popen([sys.executable, "-m", "cds"], cwd=ROOT, env=self.env,

@@ -11,6 +11,7 @@ import threading
 from collections import Counter
 from typing import Any
 
+import jwt
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -56,3 +57,8 @@ class JwksServer:
     def __exit__(self, *exc: object) -> None:
         self._server.clear()
         self._server.stop()
+
+
+def rsa_jwk(public_key: Any, kid: str, alg: str = "RS384") -> dict[str, Any]:
+    """The public JWK of an RSA key, as an EHR publishes it in its JWKS."""
+    return {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public_key)), "kid": kid, "alg": alg}

@@ -11,13 +11,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import FIXTURES, ROOT, Service, free_port
-from jwks_server import JwksServer
+from jwks_server import JwksServer, rsa_jwk
 
 CDS = Path(sys.executable).parent / "cds"
 PREGNANT = FIXTURES / "synthetic" / "synthea-pregnant.json"
@@ -129,12 +128,8 @@ def test_fire_signs_a_jwt_that_a_production_service_accepts(tmp_path: Path) -> N
                                       serialization.NoEncryption()))
     issuer = "https://ehr.example.org"
     with JwksServer() as jwks:
-        jwk = {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())), "kid": "k1", "alg": "RS384"}
-        url = jwks.publish("/jwks.json", {"keys": [jwk]})
-        svc = Service()
-        svc.env.update({"CDS_ENV": "prod", "CDS_PUBLIC_BASE_URL": svc.base_url, "CDS_PSEUDONYM_KEY": "k",
-                        "CDS_TRUSTED_ISSUERS": json.dumps({issuer: {"jwks_url": url}}),
-                        "CDS_ALLOWED_FHIR_SERVERS": "https://fhir.example.org"})
+        url = jwks.publish("/jwks.json", {"keys": [rsa_jwk(key.public_key(), "k1")]})
+        svc = Service.trusting(issuer, url, CDS_ALLOWED_FHIR_SERVERS="https://fhir.example.org")
         with svc:
             unsigned = cds("fire", svc.base_url + SERVICE, str(PREGNANT))
             assert_one_line_error(unsigned, code=1)

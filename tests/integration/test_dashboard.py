@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from cds.store import FeedbackEntry, IssuedCard, Store
 
 import pg
 from conftest import Service, load_fixture
-from jwks_server import JwksServer
+from jwks_server import JwksServer, rsa_jwk
 
 SERVICE = "/cds-services/mesotherapy-contraindications"
 MONDAY = datetime(2026, 10, 5, 10, 0, tzinfo=UTC)  # a Monday
@@ -117,12 +116,8 @@ def test_dashboard_is_protected_like_the_summary(tmp_path: Path) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     issuer = "https://ehr.example.org"
     with JwksServer() as jwks:
-        jwk = {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())), "kid": "k1", "alg": "RS384"}
-        url = jwks.publish("/jwks.json", {"keys": [jwk]})
-        svc = Service()
-        svc.env.update({"CDS_ENV": "prod", "CDS_PUBLIC_BASE_URL": svc.base_url, "CDS_PSEUDONYM_KEY": "k",
-                        "CDS_TRUSTED_ISSUERS": json.dumps({issuer: {"jwks_url": url}}),
-                        "CDS_DATA_DIR": str(tmp_path)})
+        url = jwks.publish("/jwks.json", {"keys": [rsa_jwk(key.public_key(), "k1")]})
+        svc = Service.trusting(issuer, url, CDS_DATA_DIR=str(tmp_path))
         with svc:
             for path in ("/feedback/summary", "/feedback/dashboard", "/feedback/dashboard.csv"):
                 assert httpx.get(svc.base_url + path).status_code == 401

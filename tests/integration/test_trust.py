@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from conftest import Service, free_port, load_fixture
 from fhirserver import FhirServer, RecordingServer
-from jwks_server import JwksServer
+from jwks_server import JwksServer, rsa_jwk
 from scenarios import topics
 
 ISSUER = "https://ehr.example.org"
@@ -35,7 +35,7 @@ class Ehr:
         self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ec = ec.generate_private_key(ec.SECP384R1())
         self.jwks_url = jwks.publish("/jwks.json", {"keys": [
-            {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.rsa.public_key())), "kid": "rsa-1", "alg": "RS384"},
+            rsa_jwk(self.rsa.public_key(), "rsa-1"),
             {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.ec.public_key())), "kid": "ec-1", "alg": "ES384"},
         ]})
 
@@ -239,9 +239,9 @@ def test_jku_header(ehr: Ehr, jwks: JwksServer, case: str) -> None:
     """The reference sandbox names its public JWKS in `jku`: a jku not on the issuer's list is never fetched; the
     token is verified with the issuer's configured keys when its kid is among them, else 401."""
     listed = jwks.publish(f"/listed-{case}.json", {"keys": [
-        {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(ehr.rsa.public_key())), "kid": "rsa-1", "alg": "RS384"}]})
+        rsa_jwk(ehr.rsa.public_key(), "rsa-1")]})
     unlisted = jwks.publish(f"/unlisted-{case}.json", {"keys": [
-        {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(ehr.rsa.public_key())), "kid": "rsa-9", "alg": "RS384"}]})
+        rsa_jwk(ehr.rsa.public_key(), "rsa-9")]})
     svc = Service()
     svc.env.update({"CDS_ENV": "prod", "CDS_PUBLIC_BASE_URL": svc.base_url, "CDS_PSEUDONYM_KEY": "k",
                     "CDS_TRUSTED_ISSUERS": json.dumps({ISSUER: {"jwks_url": ehr.jwks_url, "jku": [listed]}})})
