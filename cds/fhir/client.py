@@ -252,34 +252,39 @@ def malformed_bundle(bundle: dict[str, Any]) -> bool:
     return False
 
 
-def entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
-    """The resources of a Bundle, leaving out search.mode=outcome entries."""
+def scan_bundle(bundle: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    """One pass over a Bundle's entries: its resources (leaving out search.mode=outcome entries and
+    OperationOutcomes), and whether an OperationOutcome among them carries an error."""
     out = []
+    failed = False
     for entry in listed(bundle.get("entry")):
-        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+        if not isinstance(entry, dict):
+            continue
+        resource = entry.get("resource")
+        if not isinstance(resource, dict):
+            continue
+        if resource.get("resourceType") == "OperationOutcome":
+            failed = failed or any(isinstance(i, dict) and i.get("severity") in ("error", "fatal")
+                                   for i in listed(resource.get("issue")))
             continue
         search = entry.get("search")
         if isinstance(search, dict) and search.get("mode") == "outcome":
             continue
-        if entry["resource"].get("resourceType") == "OperationOutcome":
-            continue
-        out.append(entry["resource"])
-    return out
+        out.append(resource)
+    return out, failed
+
+
+def entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    """The resources of a Bundle, leaving out search.mode=outcome entries."""
+    return scan_bundle(bundle)[0]
 
 
 def error_outcome(value: Any) -> bool:
     """An OperationOutcome carrying an error, given as the value or as an entry of a Bundle."""
     if not isinstance(value, dict):
         return False
-    if value.get("resourceType") == "OperationOutcome":
-        return True
-    if value.get("resourceType") == "Bundle":
-        for entry in listed(value.get("entry")):
-            res = entry.get("resource") if isinstance(entry, dict) else None
-            if isinstance(res, dict) and res.get("resourceType") == "OperationOutcome" and any(
-                    isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in listed(res.get("issue"))):
-                return True
-    return False
+    kind = value.get("resourceType")
+    return kind == "OperationOutcome" or (kind == "Bundle" and scan_bundle(value)[1])
 
 
 def next_link(bundle: dict[str, Any]) -> str | None:

@@ -19,10 +19,9 @@ from .client import (
     FhirError,
     Limits,
     TooManyEntries,
-    entries,
-    error_outcome,
     malformed_bundle,
     next_link,
+    scan_bundle,
     server_allowed,
 )
 
@@ -142,23 +141,23 @@ async def gather(request: dict[str, Any], settings: FhirAccess, http: aiohttp.Cl
         value = prefetch.get(t.key, ABSENT) if isinstance(prefetch, dict) else ABSENT
         if value is None:
             data[t.key] = []
-        elif value is ABSENT or error_outcome(value) or not isinstance(value, dict) or malformed_bundle(value):
+            continue
+        resources, failed = _prefetched(value)
+        if resources is None or failed:
             if isinstance(client, str):
                 sent = ("the EHR sent no prefetch for it" if value is ABSENT else
-                        "the EHR's prefetch for it was an error" if error_outcome(value) else
+                        "the EHR's prefetch for it was an error" if failed else
                         "the EHR's prefetch for it was not a readable FHIR resource")
                 unavailable[t.key] = f"{sent}, and {client}"
             else:
                 jobs[t.key] = _fetch(client, render(t.query, context))
-        elif value.get("resourceType") == "Bundle":
-            data[t.key] = entries(value)
-            if next_link(value) is not None:
-                if isinstance(client, str):
-                    unavailable[t.key] = f"the prefetch was paginated, and {client} for the remaining pages"
-                else:
-                    jobs[t.key] = _complete(client, value)
-        else:
-            data[t.key] = [value]
+            continue
+        data[t.key] = resources
+        if isinstance(value, dict) and value.get("resourceType") == "Bundle" and next_link(value) is not None:
+            if isinstance(client, str):
+                unavailable[t.key] = f"the prefetch was paginated, and {client} for the remaining pages"
+            else:
+                jobs[t.key] = _complete(client, value)
     errors: list[str] = []
     if jobs:
         results = await _run_all(jobs, settings.deadline_s)
@@ -174,6 +173,20 @@ async def gather(request: dict[str, Any], settings: FhirAccess, http: aiohttp.Cl
             else:
                 data[key] = result
     return Gathered(data, unavailable, set(jobs) - set(unavailable), errors)
+
+
+def _prefetched(value: Any) -> tuple[list[dict[str, Any]] | None, bool]:
+    """A prefetch value's resources (None when absent or not a readable FHIR resource), and whether it is an
+    error: an OperationOutcome, or a Bundle with an error OperationOutcome among its entries."""
+    if not isinstance(value, dict):
+        return None, False
+    kind = value.get("resourceType")
+    if kind == "OperationOutcome":
+        return None, True
+    if kind == "Bundle":
+        resources, failed = scan_bundle(value)
+        return (None, failed) if failed or malformed_bundle(value) else (resources, False)
+    return (None, False) if malformed_bundle(value) else ([value], False)
 
 
 def _client(request: dict[str, Any], settings: FhirAccess, http: aiohttp.ClientSession,

@@ -68,6 +68,31 @@ class Finding:
         self.notes: list[str] = notes if notes is not None else []
 
 
+class _RulePlan:
+    """What `Evaluation.run` reads of a rule, read from the rule once per knowledge base: reading an attribute of a
+    pydantic model goes through pydantic's `__getattr__` hook, several times the cost of a native attribute, and
+    the rules' fields were read for every rule of every hook call."""
+
+    __slots__ = ("rule", "id", "when", "need", "suppressed_by", "excludes")
+
+    def __init__(self, rule: Rule, need: Needs) -> None:
+        self.rule = rule
+        self.id = rule.id
+        self.when: Any = rule.when
+        self.need = need
+        self.suppressed_by: list[str] = list(rule.suppressed_by)
+        self.excludes: list[str] = list(rule.excludes_evidence_of)
+
+
+def rule_plans(kb: KnowledgeBase) -> list[_RulePlan]:
+    """The rules in evaluation order, as `Evaluation.run` reads them (built on first use, kept in `kb.derived`)."""
+    plans: list[_RulePlan] | None = kb.derived.get("rule_plans")
+    if plans is None:
+        needs = rule_needs(kb)
+        plans = kb.derived["rule_plans"] = [_RulePlan(rule, needs[rule.id]) for rule in kb.rules]
+    return plans
+
+
 def worst(levels: list[Indicator]) -> Indicator:
     return max(levels, key=INDICATOR_RANK.__getitem__)
 
@@ -100,19 +125,18 @@ class Evaluation:
         return index
 
     def run(self) -> list[Finding]:
-        needs = rule_needs(self.kb)
         present = self.present()
-        for rule in self.kb.rules:
-            need = needs[rule.id]
+        for plan in rule_plans(self.kb):
+            need = plan.need
             if need is not None and need.isdisjoint(present):
                 continue  # nothing this rule reads is in the record
-            if rule.suppressed_by and any(other in self.findings for other in rule.suppressed_by):
+            if plan.suppressed_by and any(other in self.findings for other in plan.suppressed_by):
                 continue
-            excluded = {e.ref for other in rule.excludes_evidence_of if other in self.findings
+            excluded = {e.ref for other in plan.excludes if other in self.findings
                         for e in self.findings[other].evidence}
-            evidence = [e for e in self._node(rule, rule.when) if e.ref not in excluded]
+            evidence = [e for e in self._node(plan.rule, plan.when) if e.ref not in excluded]
             if any(not e.supporting for e in evidence):
-                self.findings[rule.id] = self._finding(rule, _dedupe(evidence))
+                self.findings[plan.id] = self._finding(plan.rule, _dedupe(evidence))
         return sorted(self.findings.values(), key=lambda f: -INDICATOR_RANK[f.indicator])
 
     def present(self) -> set[tuple[str, str]]:
@@ -142,57 +166,66 @@ class Evaluation:
     # --- the grammar -----------------------------------------------------------------------------
 
     def _node(self, rule: Rule, node: Any) -> list[Evidence]:
-        if isinstance(node, AnyNode):
+        # Dispatch on the class with `is`: isinstance() against a pydantic model class runs the metaclass's
+        # __instancecheck__ in Python, which cost more than some leaves' evaluation. A subclass of a grammar class
+        # (none today) is dispatched as that class.
+        kind = type(node)
+        if kind not in _GRAMMAR:
+            kind = next((k for k in kind.__mro__ if k in _GRAMMAR), kind)
+        if kind is AnyNode:
             return [e for child in node.any for e in self._node(rule, child)]
-        if isinstance(node, ConditionLeaf):
+        if kind is ConditionLeaf:
             return self._conditions(rule, node)
-        if isinstance(node, ObservationLeaf):
+        if kind is ObservationLeaf:
             return self._observation(rule, node.observation)
-        if isinstance(node, MedicationLeaf):
-            return self._medications(rule, node)
-        if isinstance(node, AllergyLeaf):
+        if kind is AllergyLeaf:
             return self._allergies(rule, node)
-        if isinstance(node, IngredientAllergyLeaf):
+        if kind is MedicationLeaf:
+            return self._medications(rule, node)
+        if kind is IngredientAllergyLeaf:
             return self._ingredient_allergies(node)
-        if isinstance(node, WeanedLeaf):
+        if kind is WeanedLeaf:
             return self._weaned(node)
-        if isinstance(node, PregnancyUnknownLeaf):
+        if kind is PregnancyUnknownLeaf:
             return self._pregnancy_unknown(node)
-        if isinstance(node, IncompleteLeaf):
+        if kind is IncompleteLeaf:
             return [Evidence(ref=what, what=what, matched="", status=why, indicator=rule.indicator)
                     for what, why in self.record.unavailable.items()]
-        if isinstance(node, PostpartumLeaf):
+        if kind is PostpartumLeaf:
             return self._postpartum(rule, node)
         raise TypeError(f"unknown rule node {type(node).__name__}")  # unreachable: the grammar is closed
 
     def _conditions(self, rule: Rule, leaf: ConditionLeaf) -> list[Evidence]:
-        spec = leaf.condition
+        spec = leaf.condition  # its fields read once, before the loop: see _RulePlan
         vs = self.kb.vs(spec.in_)
         not_in = [self.kb.vs(n) for n in spec.not_in]
+        history, recent, site = spec.history, spec.recent, spec.site
+        indicator_found: Indicator = spec.indicator or rule.indicator
+        window = self.policy.limit(recent.days_setting) if recent is not None else 0
+        acute_vs = self.kb.vs(recent.in_) if recent is not None and recent.in_ is not None else None
         found = []
-        for fact in self.members("conditions", spec.in_):
-            if not spec.history and not fact.is_current(self.today):
+        for fact in self.members("conditions", vs.id):
+            if not history and not fact.is_current(self.today):
                 continue
             match = vs.match(fact.code)
             if match is None or any(n.match(fact.code) for n in not_in):
                 continue
-            indicator: Indicator = spec.indicator or rule.indicator
+            indicator = indicator_found
             notes = []
-            if spec.recent is not None:
-                window = self.policy.limit(spec.recent.days_setting)
+            if recent is not None:
                 since = fact.onset or fact.recorded
-                recent = since is not None and since >= self.today - timedelta(days=window)
+                is_recent = since is not None and since >= self.today - timedelta(days=window)
                 # An acute code left active for years is a stale record: "acute" decides only when undated.
-                acute = (since is None and spec.recent.in_ is not None and fact.is_current(self.today)
-                         and self.kb.vs(spec.recent.in_).match(fact.code) is not None)
-                if recent or acute:
-                    indicator = spec.recent.indicator
-                    notes.append(f"recent (within {window} days)" if recent else "recorded as acute and active")
-            if spec.site:
-                site = self._site(fact, spec.site_unknown_indicator, indicator)
-                if site is None:
+                acute = (since is None and acute_vs is not None and fact.is_current(self.today)
+                         and acute_vs.match(fact.code) is not None)
+                if is_recent or acute:
+                    indicator = recent.indicator
+                    notes.append(f"recent (within {window} days)" if is_recent else "recorded as acute and active")
+            if site:
+                where = self._site(fact, spec.site_unknown_indicator, indicator)
+                if where is None:
                     continue
-                indicator, note = site
+                indicator, note = where
                 notes.append(note)
             found.append(self._evidence(fact, f"{match.by} ({match.what})", indicator, notes))
         return found
@@ -495,6 +528,7 @@ Needs = frozenset[tuple[str, str]] | None
 # The leaf kinds `Evaluation._node` evaluates: a rule using any other is refused at start-up (`rule_needs`).
 EVALUATED = (ConditionLeaf, ObservationLeaf, MedicationLeaf, AllergyLeaf, IngredientAllergyLeaf, WeanedLeaf,
              PregnancyUnknownLeaf, IncompleteLeaf, PostpartumLeaf)
+_GRAMMAR = frozenset((AnyNode, *EVALUATED))
 
 
 def rule_needs(kb: KnowledgeBase) -> dict[str, Needs]:
