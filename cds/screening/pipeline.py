@@ -31,7 +31,7 @@ from .orders import (
 )
 from .record import build_record
 from .render import card
-from .rules import Finding, evaluate, rule_needs
+from .rules import Finding, evaluate, rule_needs, rule_plans
 
 log = logging.getLogger("cds")
 
@@ -67,10 +67,12 @@ class Screening:
         self.policy = policy
         self.fhir = fhir
         rule_needs(kb)  # checks every rule's leaves now, at start-up
+        rule_plans(kb)  # and compiles them for evaluation
         # Silent mode: what clinicians see is what the shown rules give on their own, as if the silent ones did not
         # exist (a silent rule must not suppress a shown one); evaluated a second time only when that can differ.
         self.silent = kb.silent
         self.shown_kb = kb.without(kb.silent) if kb.silent else kb
+        rule_plans(self.shown_kb)
         self.depend_on_silent = any(set(r.suppressed_by + r.excludes_evidence_of) & kb.silent for r in kb.rules
                                     if r.id not in kb.silent)
 

@@ -13,6 +13,7 @@ from typing import Any
 import uuid_utils
 
 from ..knowledge.loader import KnowledgeBase, Rule
+from ..knowledge.schema import Indicator
 from .orders import Order
 from .record import validate_evidence
 from .rules import Evidence, Finding
@@ -67,10 +68,19 @@ class _RuleText:
     The dicts and lists here go into every card of the rule as they are; cards are serialised, never changed.
     """
 
-    __slots__ = ("advice", "source", "topic", "override_reasons", "link_label")  # source: the card's source.label
+    __slots__ = ("advice", "source", "topic", "override_reasons", "link_label", "id", "summary", "indicator",
+                 "suggestions")  # source: the card's source.label
 
     def __init__(self, rule: Rule, kb: KnowledgeBase) -> None:
         service = kb.service
+        # The rule's fields a card reads, copied once: reading a pydantic model's attribute costs several times a
+        # native one (pydantic's __getattr__ hook).
+        self.id = rule.id
+        self.summary: dict[Indicator, str] = dict(rule.summary)
+        self.indicator: Indicator = rule.indicator
+        self.suggestions: list[tuple[str, dict[str, Any] | None, str]] = [
+            (s.label, s.create.resource if s.create is not None else None,
+             s.create.description if s.create is not None else "") for s in rule.suggestions]
         why = first_sentences(rule.rationale)
         if rule.extension:
             why += " (Beyond the source articles: see the rule's page.)"
@@ -101,33 +111,32 @@ def card(finding: Finding, orders: list[Order], kb: KnowledgeBase, base_url: str
          new_uuid: Callable[[], str] = new_uuid7, hook: str = "order-sign") -> dict[str, Any]:
     """The card for one finding. Order hooks offer to remove the draft orders; appointment-book to remove the
     proposed appointments or book a consultation first; patient-view has no draft to change (links, reasons)."""
-    rule = finding.rule
-    text = _rule_text(kb, rule)
-    summary = rule.summary.get(finding.indicator) or rule.summary[rule.indicator]
+    text = _rule_text(kb, finding.rule)
+    summary = text.summary.get(finding.indicator) or text.summary[text.indicator]
     suggestions: list[dict[str, Any]] = []
     if hook in ("order-select", "order-sign"):
         suggestions.append(_remove_orders(orders, new_uuid))
     elif hook == "appointment-book":
         suggestions.append(_remove_appointments(orders, new_uuid))
         suggestions.append(_consultation_first(patient_id, new_uuid))
-    for s in rule.suggestions:
-        entry: dict[str, Any] = {"label": s.label, "uuid": new_uuid()}
-        if s.create is not None:
-            resource = {**s.create.resource, "subject": {"reference": f"Patient/{patient_id}"}}
-            entry["actions"] = [{"type": "create", "description": s.create.description, "resource": resource}]
+    for label, create, description in text.suggestions:
+        entry: dict[str, Any] = {"label": label, "uuid": new_uuid()}
+        if create is not None:
+            resource = {**create, "subject": {"reference": f"Patient/{patient_id}"}}
+            entry["actions"] = [{"type": "create", "description": description, "resource": resource}]
         suggestions.append(entry)
     out: dict[str, Any] = {
         "uuid": new_uuid(),
         "summary": summary,
         "indicator": finding.indicator,
         "detail": _detail(finding, orders, text, hook),
-        "source": {"label": text.source, "url": f"{base_url}/knowledge/{rule.id}", "topic": text.topic},
+        "source": {"label": text.source, "url": f"{base_url}/knowledge/{text.id}", "topic": text.topic},
     }
     if suggestions:
         out["suggestions"] = suggestions
         out["selectionBehavior"] = "at-most-one"
     out["overrideReasons"] = text.override_reasons
-    out["links"] = [{"label": text.link_label, "url": f"{base_url}/knowledge/{rule.id}", "type": "absolute"}]
+    out["links"] = [{"label": text.link_label, "url": f"{base_url}/knowledge/{text.id}", "type": "absolute"}]
     return out
 
 

@@ -10,6 +10,7 @@ from datetime import date, timedelta
 from typing import Any, Literal
 
 from ..errors import KnowledgeError
+from ..knowledge.index import ValueSet
 from ..knowledge.loader import (
     INDICATOR_RANK,
     AllergyLeaf,
@@ -68,6 +69,45 @@ class Finding:
         self.notes: list[str] = notes if notes is not None else []
 
 
+class AnyPlan:
+    """An `any` node of a rule plan: its children, compiled."""
+
+    __slots__ = ("children",)
+
+    def __init__(self, children: list[Any]) -> None:
+        self.children = children
+
+
+class ObservationPlan:
+    """An observation leaf's spec with its value sets looked up, as `Evaluation._observation` reads it."""
+
+    __slots__ = ("vs_ids", "max_age_setting", "ignore", "superseded_by_delivery", "answer", "boolean",
+                 "quantity_above", "quantity_units", "due_date", "gestational_age", "indicator")
+
+    def __init__(self, kb: KnowledgeBase, spec: ObservationSpec) -> None:
+        self.vs_ids = [kb.vs(code).id for code in (spec.code, *spec.with_codes)]
+        self.max_age_setting = spec.max_age_setting
+        self.ignore = kb.vs(spec.ignore_answers) if spec.ignore_answers else None
+        self.superseded_by_delivery = spec.superseded_by_delivery
+        self.answer = kb.vs(spec.answer) if spec.answer else None
+        self.boolean = spec.boolean
+        self.quantity_above = spec.quantity_above
+        self.quantity_units = list(spec.quantity_units)
+        self.due_date = spec.due_date
+        self.gestational_age = spec.gestational_age
+        self.indicator: Indicator | None = spec.indicator
+
+
+def compile_node(kb: KnowledgeBase, node: Any) -> Any:
+    """A rule's condition with its hottest nodes in native form (`any` nodes, observation leaves); the other
+    leaves as they are."""
+    if type(node) is AnyNode:
+        return AnyPlan([compile_node(kb, child) for child in node.any])
+    if type(node) is ObservationLeaf:
+        return ObservationPlan(kb, node.observation)
+    return node
+
+
 class _RulePlan:
     """What `Evaluation.run` reads of a rule, read from the rule once per knowledge base: reading an attribute of a
     pydantic model goes through pydantic's `__getattr__` hook, several times the cost of a native attribute, and
@@ -75,10 +115,10 @@ class _RulePlan:
 
     __slots__ = ("rule", "id", "when", "need", "suppressed_by", "excludes")
 
-    def __init__(self, rule: Rule, need: Needs) -> None:
+    def __init__(self, kb: KnowledgeBase, rule: Rule, need: Needs) -> None:
         self.rule = rule
         self.id = rule.id
-        self.when: Any = rule.when
+        self.when: Any = compile_node(kb, rule.when)
         self.need = need
         self.suppressed_by: list[str] = list(rule.suppressed_by)
         self.excludes: list[str] = list(rule.excludes_evidence_of)
@@ -89,7 +129,7 @@ def rule_plans(kb: KnowledgeBase) -> list[_RulePlan]:
     plans: list[_RulePlan] | None = kb.derived.get("rule_plans")
     if plans is None:
         needs = rule_needs(kb)
-        plans = kb.derived["rule_plans"] = [_RulePlan(rule, needs[rule.id]) for rule in kb.rules]
+        plans = kb.derived["rule_plans"] = [_RulePlan(kb, rule, needs[rule.id]) for rule in kb.rules]
     return plans
 
 
@@ -170,6 +210,10 @@ class Evaluation:
         # __instancecheck__ in Python, which cost more than some leaves' evaluation. A subclass of a grammar class
         # (none today) is dispatched as that class.
         kind = type(node)
+        if kind is AnyPlan:  # the compiled forms of `rule_plans`
+            return [e for child in node.children for e in self._node(rule, child)]
+        if kind is ObservationPlan:
+            return self._observation(rule, node)
         if kind not in _GRAMMAR:
             kind = next((k for k in kind.__mro__ if k in _GRAMMAR), kind)
         if kind is AnyNode:
@@ -177,7 +221,7 @@ class Evaluation:
         if kind is ConditionLeaf:
             return self._conditions(rule, node)
         if kind is ObservationLeaf:
-            return self._observation(rule, node.observation)
+            return self._observation(rule, ObservationPlan(self.kb, node.observation))
         if kind is AllergyLeaf:
             return self._allergies(rule, node)
         if kind is MedicationLeaf:
@@ -252,12 +296,15 @@ class Evaluation:
                         when=fact.onset or fact.recorded, indicator=indicator, notes=notes, raw=fact.raw)
 
     def _latest(self, codes: list[str], max_age_days: int, ignore: str | None = None) -> ObservationFact | None:
-        """The latest Observation of these codes, if it is recent enough to be used; answers in `ignore`
-        ("unknown") are no status, so the one before them counts."""
-        skip = self.kb.vs(ignore) if ignore else None
+        """The latest Observation of these codes (value set names), if it is recent enough to be used; answers in
+        `ignore` ("unknown") are no status, so the one before them counts."""
+        return self._latest_in([self.kb.vs(code).id for code in codes], max_age_days,
+                               self.kb.vs(ignore) if ignore else None)
+
+    def _latest_in(self, vs_ids: list[str], max_age_days: int, skip: ValueSet | None) -> ObservationFact | None:
         latest: ObservationFact | None = None
-        for code in codes:
-            for o in self.members("observations", self.kb.vs(code).id):
+        for vs_id in vs_ids:
+            for o in self.members("observations", vs_id):
                 # the first of the latest, as max() would pick; undated ones never count
                 if o.when is None or (latest is not None and latest.when is not None and o.when <= latest.when):
                     continue
@@ -269,9 +316,8 @@ class Evaluation:
             return None  # stale or undated: counts as unknown
         return latest
 
-    def _observation(self, rule: Rule, spec: ObservationSpec) -> list[Evidence]:
-        latest = self._latest([spec.code, *spec.with_codes], self.policy.limit(spec.max_age_setting),
-                              spec.ignore_answers)
+    def _observation(self, rule: Rule, spec: ObservationPlan) -> list[Evidence]:
+        latest = self._latest_in(spec.vs_ids, self.policy.limit(spec.max_age_setting), spec.ignore)
         if latest is None:
             return []
         if spec.superseded_by_delivery:
@@ -280,7 +326,7 @@ class Evaluation:
                 return []  # a delivery recorded since: the pregnancy it spoke of has ended
         what = f"{latest.code.label}: {latest.value.label}"
         how = None
-        match = self.kb.vs(spec.answer).match(latest.value) if spec.answer else None
+        match = spec.answer.match(latest.value) if spec.answer is not None else None
         if match is not None:
             how = f"answer {match.what}" if match.by == "code" else f"answer text \"{match.what}\""
         elif spec.boolean is not None and latest.value_boolean is spec.boolean:
