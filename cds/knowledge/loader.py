@@ -62,6 +62,7 @@ from .schema import (
     ValueSetFile,
     WeanedLeaf,
 )
+from .yamlread import read_yaml
 
 __all__ = [
     "INDICATOR_RANK", "SUMMARY_LIMIT", "AllergyLeaf", "AnyNode", "ConditionLeaf", "IncompleteLeaf", "Indicator",
@@ -121,13 +122,10 @@ class KnowledgeBase:
         return self
 
 
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def _read_yaml(path: Path) -> Any:
     try:
-        # libyaml's parser where present: the generated code lists (thousands of entries) load several times faster
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)  # noqa: S506 - a safe loader
+        # libyaml's parser where present, and the generated code lists (thousands of entries) read line by line
+        return read_yaml(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise KnowledgeError(f"{path}: cannot read YAML: {exc}") from exc
 

@@ -21,7 +21,8 @@ from cds.knowledge.loader import load_knowledge
 from conftest import ROOT
 
 KB = load_knowledge(ROOT / "cards")
-VALUESETS = {p.stem: yaml.safe_load(p.read_text(encoding="utf-8"))
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where present: thousands of listed codes
+VALUESETS = {p.stem: yaml.load(p.read_text(encoding="utf-8"), Loader=LOADER)
              for p in sorted((ROOT / "cards" / "valuesets").glob("*.yaml"))}
 
 
