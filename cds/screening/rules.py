@@ -134,7 +134,15 @@ def rule_plans(kb: KnowledgeBase) -> list[_RulePlan]:
 
 
 def worst(levels: list[Indicator]) -> Indicator:
-    return max(levels, key=INDICATOR_RANK.__getitem__)
+    """The most severe level (the first of them, on a tie, as max() gives)."""
+    found = levels[0]
+    for level in levels:
+        if INDICATOR_RANK[level] > INDICATOR_RANK[found]:
+            found = level
+    return found
+
+
+INDEXED_KINDS = ("conditions", "observations", "medications")  # the record's facts found by value set
 
 
 class Evaluation:
@@ -165,10 +173,8 @@ class Evaluation:
         return index
 
     def run(self) -> list[Finding]:
-        present = self.present()
         for plan in rule_plans(self.kb):
-            need = plan.need
-            if need is not None and need.isdisjoint(present):
+            if plan.need is not None and not self.holds_any(plan.need):
                 continue  # nothing this rule reads is in the record
             if plan.suppressed_by and any(other in self.findings for other in plan.suppressed_by):
                 continue
@@ -179,10 +185,21 @@ class Evaluation:
                 self.findings[plan.id] = self._finding(plan.rule, _dedupe(evidence))
         return sorted(self.findings.values(), key=lambda f: -INDICATOR_RANK[f.indicator])
 
+    def holds_any(self, need: frozenset[tuple[str, str]]) -> bool:
+        """Does the record hold any of these (kind, value set) pairs? What `need.isdisjoint(self.present())` says,
+        asked one pair at a time, without building the set."""
+        for kind, vs_id in need:
+            if vs_id == ANY:
+                record = self.record
+                if (kind == "allergies" and record.allergies) or (kind == "unavailable" and record.unavailable):
+                    return True
+            elif kind in INDEXED_KINDS and vs_id in self._index(kind):
+                return True
+        return False
+
     def present(self) -> set[tuple[str, str]]:
         """What the record holds, in the terms of `rule_needs`: `run` skips a rule whose needs are disjoint."""
-        present = {(kind, vs_id) for kind in ("conditions", "observations", "medications")
-                   for vs_id in self._index(kind)}
+        present = {(kind, vs_id) for kind in INDEXED_KINDS for vs_id in self._index(kind)}
         if self.record.allergies:
             present.add(("allergies", ANY))
         if self.record.unavailable:
