@@ -146,7 +146,7 @@ INDEXED_KINDS = ("conditions", "observations", "medications")  # the record's fa
 
 
 class Evaluation:
-    __slots__ = ("kb", "record", "orders", "today", "policy", "findings", "_by_set", "_delivery")
+    __slots__ = ("kb", "record", "orders", "today", "policy", "findings", "_by_set", "_delivery", "_valuesets")
 
     def __init__(self, kb: KnowledgeBase, record: PatientRecord, orders: list[Order], today: date,
                  policy: ClinicalPolicy) -> None:
@@ -158,6 +158,11 @@ class Evaluation:
         self.findings: dict[str, Finding] = {}
         self._by_set: dict[str, dict[str, list[Any]]] = {}
         self._delivery: tuple[date, Evidence] | Literal[False] | None = False  # not looked for yet
+        self._valuesets = kb.valuesets
+
+    def vs(self, name: str) -> ValueSet:
+        """`kb.vs`, without a call into the (interpreted) knowledge base for each of a hook call's lookups."""
+        return self._valuesets[name]
 
     def members(self, kind: str, vs_id: str) -> list[Any]:
         """Facts of one kind (conditions, observations, medications) in a value set."""
@@ -167,8 +172,9 @@ class Evaluation:
         index = self._by_set.get(kind)
         if index is None:
             index = self._by_set[kind] = {}
+            matcher = self.kb.index
             for fact in getattr(self.record, kind):
-                for hit in self.kb.index.hits(fact.code):
+                for hit in matcher.hits(fact.code):
                     index.setdefault(hit, []).append(fact)
         return index
 
@@ -258,12 +264,12 @@ class Evaluation:
 
     def _conditions(self, rule: Rule, leaf: ConditionLeaf) -> list[Evidence]:
         spec = leaf.condition  # its fields read once, before the loop: see _RulePlan
-        vs = self.kb.vs(spec.in_)
-        not_in = [self.kb.vs(n) for n in spec.not_in]
+        vs = self.vs(spec.in_)
+        not_in = [self.vs(n) for n in spec.not_in]
         history, recent, site = spec.history, spec.recent, spec.site
         indicator_found: Indicator = spec.indicator or rule.indicator
         window = self.policy.limit(recent.days_setting) if recent is not None else 0
-        acute_vs = self.kb.vs(recent.in_) if recent is not None and recent.in_ is not None else None
+        acute_vs = self.vs(recent.in_) if recent is not None and recent.in_ is not None else None
         found = []
         for fact in self.members("conditions", vs.id):
             if not history and not fact.is_current(self.today):
@@ -315,8 +321,8 @@ class Evaluation:
     def _latest(self, codes: list[str], max_age_days: int, ignore: str | None = None) -> ObservationFact | None:
         """The latest Observation of these codes (value set names), if it is recent enough to be used; answers in
         `ignore` ("unknown") are no status, so the one before them counts."""
-        return self._latest_in([self.kb.vs(code).id for code in codes], max_age_days,
-                               self.kb.vs(ignore) if ignore else None)
+        return self._latest_in([self.vs(code).id for code in codes], max_age_days,
+                               self.vs(ignore) if ignore else None)
 
     def _latest_in(self, vs_ids: list[str], max_age_days: int, skip: ValueSet | None) -> ObservationFact | None:
         latest: ObservationFact | None = None
@@ -396,7 +402,7 @@ class Evaluation:
         return found
 
     def _medications(self, rule: Rule, leaf: MedicationLeaf) -> list[Evidence]:
-        vs = self.kb.vs(leaf.medication.in_)
+        vs = self.vs(leaf.medication.in_)
         found = []
         for fact in self.members("medications", vs.id):
             if fact.ref in self.record.draft_ids:
@@ -408,14 +414,14 @@ class Evaluation:
         return found
 
     def _current_allergies(self, no_known: str) -> list[AllergyFact]:
-        nka = self.kb.vs(no_known)
+        nka = self.vs(no_known)
         return [a for a in self.record.allergies if a.is_current(self.today) and nka.match(a.code) is None]
 
     def _allergies(self, rule: Rule, leaf: AllergyLeaf) -> list[Evidence]:
         spec = leaf.allergy
-        severe = self.kb.vs(spec.critical_manifestations)
-        non_immune = self.kb.vs(spec.non_immune) if spec.non_immune else None
-        environmental = self.kb.vs(spec.environmental) if spec.environmental else None
+        severe = self.vs(spec.critical_manifestations)
+        non_immune = self.vs(spec.non_immune) if spec.non_immune else None
+        environmental = self.vs(spec.environmental) if spec.environmental else None
         found = []
         for fact in self._current_allergies(spec.no_known):
             if non_immune is not None and fact.kind == "intolerance" and fact.reactions and all(
@@ -481,17 +487,16 @@ class Evaluation:
 
     def _weaned(self, leaf: WeanedLeaf) -> list[Evidence]:
         spec = leaf.weaned
-        kb = self.kb
         months = self.policy.weaning_wait_months
         cutoff = _months_before(self.today, months)
         found = []
-        lactation = kb.vs(spec.conditions)
+        lactation = self.vs(spec.conditions)
         for fact in self.members("conditions", lactation.id):
             if fact.abatement and cutoff < fact.abatement <= self.today:
                 found.append(Evidence(fact.ref, fact.code.label, f"breastfeeding ended {fact.abatement}",
                                       fact.status_text, fact.abatement, "warning",
                                       [f"ended less than {months} months ago"], fact.raw))
-        status_vs, yes, no = kb.vs(spec.observation), kb.vs(spec.feeding_answers), kb.vs(spec.weaned_answers)
+        status_vs, yes, no = self.vs(spec.observation), self.vs(spec.feeding_answers), self.vs(spec.weaned_answers)
         series = sorted((o for o in self.members("observations", status_vs.id) if o.when),
                         key=lambda o: o.when)
         last_yes = None
@@ -548,7 +553,7 @@ class Evaluation:
             return []
         for vs_id in spec.feeding:  # a breastfeeding record since the delivery answers the question
             for kind in ("conditions", "observations"):
-                for fact in self.members(kind, self.kb.vs(vs_id).id):
+                for fact in self.members(kind, self.vs(vs_id).id):
                     when = fact.onset or fact.recorded or fact.abatement
                     if when is not None and when >= day:
                         return []
