@@ -14,11 +14,13 @@ import calendar
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import date, timedelta
@@ -77,6 +79,8 @@ class Service:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CDS_")}  # the test says every setting
         self.data_dir = tempfile.mkdtemp(prefix="cds-test-data-")
+        # removed with the object, not at stop(): a test may start the same service again on the same store
+        weakref.finalize(self, shutil.rmtree, self.data_dir, True)
         self.env.update({"HOST": "127.0.0.1", "PORT": str(self.port), "CDS_LOG_LEVEL": "WARNING",
                          "CDS_DATA_DIR": self.data_dir})
         self.env.update(env or {})
