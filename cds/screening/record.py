@@ -418,10 +418,9 @@ def _validate(raw: dict[str, Any]) -> str | None:
     return errors[0]
 
 
-# The resource types read into facts (`_read`), and where their facts go.
-READ_TYPES = {"Condition": "conditions", "AllergyIntolerance": "allergies", "Observation": "observations",
-              "MedicationRequest": "medications", "MedicationStatement": "medications",
-              "MedicationOrder": "medications"}
+# The resource types read into facts (`_read`): the three medication types are the medications.
+READ_TYPES = frozenset({"Condition", "AllergyIntolerance", "Observation", "MedicationRequest", "MedicationStatement",
+                        "MedicationOrder"})
 
 
 def _read(record: PatientRecord, rtype: str, raw: dict[str, Any], relevant: Relevant | None,

@@ -99,11 +99,11 @@ class ObservationPlan:
 
 
 def compile_node(kb: KnowledgeBase, node: Any) -> Any:
-    """A rule's condition with its hottest nodes in native form (`any` nodes, observation leaves); the other
-    leaves as they are."""
-    if type(node) is AnyNode:
+    """A rule's condition as `Evaluation._node` reads it: `any` nodes and observation leaves in native form, the
+    other leaves as they are."""
+    if isinstance(node, AnyNode):
         return AnyPlan([compile_node(kb, child) for child in node.any])
-    if type(node) is ObservationLeaf:
+    if isinstance(node, ObservationLeaf):
         return ObservationPlan(kb, node.observation)
     return node
 
@@ -224,27 +224,23 @@ class Evaluation:
 
     def evidence(self, rule: Rule) -> list[Evidence]:
         """What `rule`'s condition finds in the record, before suppression and exclusion by other rules."""
-        return self._node(rule, rule.when)
+        return self._node(rule, compile_node(self.kb, rule.when))
 
     # --- the grammar -----------------------------------------------------------------------------
 
     def _node(self, rule: Rule, node: Any) -> list[Evidence]:
-        # Dispatch on the class with `is`: isinstance() against a pydantic model class runs the metaclass's
-        # __instancecheck__ in Python, which cost more than some leaves' evaluation. A subclass of a grammar class
-        # (none today) is dispatched as that class.
+        """`node` as `compile_node` gives it. Dispatched on the class with `is`: isinstance() against a pydantic
+        model class runs the metaclass's __instancecheck__ in Python, which cost more than some leaves' evaluation.
+        A subclass of a grammar leaf (none today) is dispatched as that leaf."""
         kind = type(node)
-        if kind is AnyPlan:  # the compiled forms of `rule_plans`
+        if kind is AnyPlan:
             return [e for child in node.children for e in self._node(rule, child)]
         if kind is ObservationPlan:
             return self._observation(rule, node)
-        if kind not in _GRAMMAR:
-            kind = next((k for k in kind.__mro__ if k in _GRAMMAR), kind)
-        if kind is AnyNode:
-            return [e for child in node.any for e in self._node(rule, child)]
+        if kind not in _LEAVES:
+            kind = next((k for k in kind.__mro__ if k in _LEAVES), kind)
         if kind is ConditionLeaf:
             return self._conditions(rule, node)
-        if kind is ObservationLeaf:
-            return self._observation(rule, ObservationPlan(self.kb, node.observation))
         if kind is AllergyLeaf:
             return self._allergies(rule, node)
         if kind is MedicationLeaf:
@@ -596,7 +592,7 @@ Needs = frozenset[tuple[str, str]] | None
 # The leaf kinds `Evaluation._node` evaluates: a rule using any other is refused at start-up (`rule_needs`).
 EVALUATED = (ConditionLeaf, ObservationLeaf, MedicationLeaf, AllergyLeaf, IngredientAllergyLeaf, WeanedLeaf,
              PregnancyUnknownLeaf, IncompleteLeaf, PostpartumLeaf)
-_GRAMMAR = frozenset((AnyNode, *EVALUATED))
+_LEAVES = frozenset(EVALUATED) - {ObservationLeaf}  # the leaves `Evaluation._node` takes as they are
 
 
 def rule_needs(kb: KnowledgeBase) -> dict[str, Needs]:
