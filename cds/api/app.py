@@ -71,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.audit = AuditWriter(store, max_pending=settings.audit_max_pending,
                                           spool=settings.audit_spool_path)
             app.state.audit.start()
+            if app.state.answered is not None:
+                app.state.answered.start(store)
             pruner = asyncio.create_task(prune_forever(store, settings.audit_retention_days,
                                                        settings.audit_prune_interval_s), name="audit-retention")
             gc.collect()
