@@ -177,19 +177,31 @@ def listed(value: Any) -> list[Any]:
 
 
 def _concept_key(raw_codings: list[Any], text: Any) -> tuple[Any, ...] | None:
-    """The memo key of a CodeableConcept's JSON; None (not memoised) for an odd shape or a long text."""
+    """The memo key of a CodeableConcept's JSON: its text, then each coding's system, code and display, in one flat
+    tuple (one tuple to build, hash and compare, not one per coding); None (not memoised) for an odd shape or a
+    long text."""
     limit = _TEXT_LIMIT[0]
     if type(text) is str and len(text) > limit:
         return None
-    parts = []
+    if len(raw_codings) == 1:  # the usual concept: its tuple made at once
+        c = raw_codings[0]
+        if type(c) is not dict:
+            return None
+        display = c.get("display")
+        if type(display) is str and len(display) > limit:
+            return None
+        return (text, c.get("system"), c.get("code"), display)
+    parts: list[Any] = [text]
     for c in raw_codings:
         if type(c) is not dict:
             return None
         display = c.get("display")
         if type(display) is str and len(display) > limit:
             return None
-        parts.append((c.get("system"), c.get("code"), display))
-    return (tuple(parts), text)
+        parts.append(c.get("system"))
+        parts.append(c.get("code"))
+        parts.append(display)
+    return tuple(parts)
 
 
 def coded(value: Any) -> Coded:
@@ -284,6 +296,22 @@ def parse_date(value: Any) -> date | None:
         return date(int(m.group(1)), int(m.group(2) or 1), int(m.group(3) or 1))
     except ValueError:
         return None
+
+
+_ISO: dict[date, str] = {}  # a date -> its ISO text; records repeat few dates, and the text is built with sprintf
+
+
+def iso(day: date) -> str:
+    """`day.isoformat()`, remembered (at most 4,096 dates, then it starts again). A datetime is not remembered: two
+    aware datetimes of the same instant are equal, and their texts differ."""
+    if type(day) is not date:
+        return day.isoformat()
+    text = _ISO.get(day)
+    if text is None:
+        if len(_ISO) >= 4096:
+            _ISO.clear()
+        text = _ISO[day] = day.isoformat()
+    return text
 
 
 def parse_instant(value: Any) -> datetime | None:

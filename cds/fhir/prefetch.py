@@ -131,9 +131,7 @@ async def gather(request: dict[str, Any], settings: FhirAccess, http: aiohttp.Cl
     """Every template's resources, fetching the ones prefetch did not supply, all under one deadline."""
     context = request["context"]
     prefetch = request.get("prefetch") or {}
-    limits = Limits(settings.fhir_max_bytes, settings.fhir_max_entries,
-                    asyncio.get_running_loop().time() + settings.deadline_s)
-    client = _client(request, settings, http, limits)
+    client: FhirClient | str | None = None  # made when the prefetch lacks something: the deadline starts then
     data: dict[str, list[dict[str, Any]]] = {}
     unavailable: dict[str, str] = {}
     jobs: dict[str, Any] = {}
@@ -143,21 +141,24 @@ async def gather(request: dict[str, Any], settings: FhirAccess, http: aiohttp.Cl
             data[t.key] = []
             continue
         resources, failed = _prefetched(value)
-        if resources is None or failed:
-            if isinstance(client, str):
-                sent = ("the EHR sent no prefetch for it" if value is ABSENT else
-                        "the EHR's prefetch for it was an error" if failed else
-                        "the EHR's prefetch for it was not a readable FHIR resource")
-                unavailable[t.key] = f"{sent}, and {client}"
-            else:
-                jobs[t.key] = _fetch(client, render(t.query, context))
-            continue
-        data[t.key] = resources
-        if isinstance(value, dict) and value.get("resourceType") == "Bundle" and next_link(value) is not None:
-            if isinstance(client, str):
+        if resources is not None and not failed:
+            data[t.key] = resources
+            if not isinstance(value, dict) or value.get("resourceType") != "Bundle" or next_link(value) is None:
+                continue  # the usual case: prefetched in full, nothing to fetch
+            client = client if client is not None else _client(request, settings, http)
+            if isinstance(client, str):  # a paginated prefetch: the rest of its pages
                 unavailable[t.key] = f"the prefetch was paginated, and {client} for the remaining pages"
             else:
                 jobs[t.key] = _complete(client, value)
+            continue
+        client = client if client is not None else _client(request, settings, http)
+        if isinstance(client, str):
+            sent = ("the EHR sent no prefetch for it" if value is ABSENT else
+                    "the EHR's prefetch for it was an error" if failed else
+                    "the EHR's prefetch for it was not a readable FHIR resource")
+            unavailable[t.key] = f"{sent}, and {client}"
+        else:
+            jobs[t.key] = _fetch(client, render(t.query, context))
     errors: list[str] = []
     if jobs:
         results = await _run_all(jobs, settings.deadline_s)
@@ -189,9 +190,9 @@ def _prefetched(value: Any) -> tuple[list[dict[str, Any]] | None, bool]:
     return (None, False) if malformed_bundle(value) else ([value], False)
 
 
-def _client(request: dict[str, Any], settings: FhirAccess, http: aiohttp.ClientSession,
-            limits: Limits) -> FhirClient | str:
-    """A FHIR client for this request, or the reason why the service may not fetch anything."""
+def _client(request: dict[str, Any], settings: FhirAccess, http: aiohttp.ClientSession) -> FhirClient | str:
+    """A FHIR client for this request, its limits counted from now, or the reason why the service may not fetch
+    anything."""
     server = request.get("fhirServer")
     auth = request.get("fhirAuthorization")
     token = auth.get("access_token") if isinstance(auth, dict) else None
@@ -202,6 +203,8 @@ def _client(request: dict[str, Any], settings: FhirAccess, http: aiohttp.ClientS
         return "its FHIR server is not on this service's allow-list"
     if not token and not settings.anonymous_fhir_allowed:
         return "it gave no access token for its FHIR server"
+    limits = Limits(settings.fhir_max_bytes, settings.fhir_max_entries,
+                    asyncio.get_running_loop().time() + settings.deadline_s)
     return FhirClient(http, server, token, settings.fhir_timeout_s, settings.fhir_max_pages, limits)
 
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import DataUnavailable
-from ..fhir.json import Coded
+from ..fhir.json import Coded, iso
 from ..fhir.prefetch import PLANNED_TEMPLATES, TEMPLATES, FhirAccess, Gathered, Template, gather
 from ..knowledge.loader import KnowledgeBase
 from ..knowledge.policy import ClinicalPolicy
@@ -66,6 +66,7 @@ class Screening:
         self.kb = kb
         self.policy = policy
         self.fhir = fhir
+        self.index = kb.index  # read for every resource: an attribute of the (interpreted) knowledge base costs more
         rule_needs(kb)  # checks every rule's leaves now, at start-up
         rule_plans(kb)  # and compiles them for evaluation
         # Silent mode: what clinicians see is what the shown rules give on their own, as if the silent ones did not
@@ -78,7 +79,7 @@ class Screening:
 
     def relevant(self, concept: Coded) -> bool:
         """Does any rule look at this concept? Records of concepts no rule reads are skipped early."""
-        return bool(self.kb.index.hits(concept))
+        return bool(self.index.hits(concept))
 
     async def screen(self, body: dict[str, Any], http: Any, base: str, patient: str = "") -> Screened:
         """Screen a validated hook request. `patient` is the caller's pseudonym of the patient, which the repeat
@@ -148,7 +149,12 @@ def repeat_key(patient: str, finding: Finding, orders: list[Order]) -> str:
     piece of evidence as the card tells it (record, what, status, date, notes): any change gives another key."""
     rule = finding.rule
     parts = [patient, rule.id, str(rule.version), finding.indicator, "\x1f".join(sorted(o.ref for o in orders))]
-    parts += sorted("\x1f".join((e.ref, e.indicator, e.what, e.status, e.when.isoformat() if e.when else "",
+    parts += sorted("\x1f".join((e.ref, e.indicator, e.what, e.status, iso(e.when) if e.when else "",
                                  *e.notes)) for e in finding.evidence)
     parts += finding.notes
-    return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()
+    digest = _SHA256.copy()  # a copy of a made context: hashlib.sha256() looks the algorithm up by name each time
+    digest.update("\x1e".join(parts).encode())
+    return digest.hexdigest()
+
+
+_SHA256 = hashlib.sha256()

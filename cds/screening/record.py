@@ -373,6 +373,7 @@ def contained_resource(raw: dict[str, Any], ref: dict[str, Any]) -> dict[str, An
     return None
 
 
+_UNKNOWN = object()
 _VALIDATED: dict[bytes, str | None] = {}  # a resource's JSON -> problem; a record is sent again at every hook call
 _VALIDATED_LIMIT = 32 * 1024 * 1024  # bytes of JSON remembered, then the memo starts again
 _validated_bytes = 0
@@ -391,8 +392,9 @@ def validate_evidence(raw: dict[str, Any]) -> str | None:
         key = orjson.dumps(raw)
     except TypeError:
         return "the resource is not plain JSON"
-    if key in _VALIDATED:
-        return _VALIDATED[key]
+    known = _VALIDATED.get(key, _UNKNOWN)  # one lookup: hashing the key reads all of its bytes
+    if known is not _UNKNOWN:
+        return known if isinstance(known, str) else None
     if _validated_bytes + len(key) > _VALIDATED_LIMIT:
         _VALIDATED.clear()
         _validated_bytes = 0

@@ -12,6 +12,7 @@ from typing import Any
 
 import uuid_utils
 
+from ..fhir.json import iso
 from ..knowledge.loader import KnowledgeBase, Rule
 from ..knowledge.schema import Indicator
 from .orders import Order
@@ -169,7 +170,6 @@ def _consultation_first(patient_id: str, new_uuid: Callable[[], str]) -> dict[st
 
 _WHERE = re.compile(r" in ([A-Za-z]+/[A-Za-z0-9\-.]+) \(from ([^)]*)\)")  # an ingredient's order and source: last line
 _SAYS_ALLERGY = re.compile(r"allerg|intoleran|sensitiv|anaphyla", re.IGNORECASE)
-_MATCHED = re.compile(r"^(code|text|answer) \((.*)\)$")
 _LABELS = {"MedicationRequest": "prescription", "MedicationOrder": "prescription",
            "MedicationStatement": "on the medication list"}
 
@@ -192,8 +192,8 @@ def _found(e: Evidence, problem: str | None) -> str:
             verb = "since"
         else:
             verb = "recorded"
-        words.append(f"{verb} {e.when.isoformat()}")
-    words.extend(md(_WHERE.sub("", n)) for n in e.notes)
+        words.append(f"{verb} {iso(e.when)}")
+    words.extend(md(_WHERE.sub("", n) if " (from " in n else n) for n in e.notes)
     if problem is not None:
         words.append("this record did not pass FHIR validation; read as far as possible")
     what = md(e.what)
@@ -206,19 +206,27 @@ def _found(e: Evidence, problem: str | None) -> str:
 def _planned(o: Order) -> str:
     what = "appointment" if o.kind == "appointment" else "order"
     status = f"{o.status} {what}" if o.status else what
-    return f"**{md(o.label)}** - {status}" + (f", {o.when.isoformat()}" if o.when else ", date not set")
+    return f"**{md(o.label)}** - {status}" + (f", {iso(o.when)}" if o.when else ", date not set")
+
+
+def _how(matched: str) -> str:
+    """How a record was matched, for the card's last line: "code (SNOMED CT 77386006 Pregnant)" reads
+    "by code: SNOMED CT 77386006 Pregnant"; anything else as it is."""
+    way, sep, what = matched.partition(" (")
+    if sep and way in ("code", "text", "answer") and what.endswith(")") and "\n" not in what:
+        return f"by {way}: {what[:-1]}"
+    return matched
 
 
 def _refs(finding: Finding, orders: list[Order], problems: list[str | None]) -> str:
     parts = []
     for e, problem in zip(finding.evidence, problems, strict=True):
         ref = e.ref if "/" in e.ref else ""
-        matched = _MATCHED.match(e.matched) if e.matched else None
-        how = f"by {matched[1]}: {matched[2]}" if matched else e.matched
+        how = _how(e.matched)
         if problem is not None:
             how = f"{how}; invalid: {problem[:80]}" if how else f"invalid: {problem[:80]}"
         for n in e.notes:
-            for order_ref, origin in _WHERE.findall(n):
+            for order_ref, origin in _WHERE.findall(n) if " (from " in n else ():
                 how = f"{how}; ingredient of {order_ref} from {origin}" if how else \
                     f"ingredient of {order_ref} from {origin}"
         if ref:

@@ -30,7 +30,7 @@ from ..knowledge.loader import (
     leaf_use,
 )
 from ..knowledge.policy import ClinicalPolicy
-from ..knowledge.schema import ANY, Indicator
+from ..knowledge.schema import ANY, AllergySpec, ConditionSpec, Indicator, IngredientAllergySpec, WeanedSpec
 from .orders import Order, ingredients_in
 from .record import AllergyFact, Fact, ObservationFact, PatientRecord
 
@@ -98,13 +98,77 @@ class ObservationPlan:
         self.indicator: Indicator | None = spec.indicator
 
 
-def compile_node(kb: KnowledgeBase, node: Any) -> Any:
-    """A rule's condition as `Evaluation._node` reads it: `any` nodes and observation leaves in native form, the
-    other leaves as they are."""
+class ConditionPlan:
+    """A condition leaf's spec with its value sets looked up, as `Evaluation._conditions` reads it (its rule's
+    indicator too, when the leaf sets none)."""
+
+    __slots__ = ("vs", "not_in", "history", "indicator", "recent_days_setting", "recent_indicator", "acute",
+                 "site", "site_unknown_indicator")
+
+    def __init__(self, kb: KnowledgeBase, spec: ConditionSpec, rule_indicator: Indicator) -> None:
+        self.vs = kb.vs(spec.in_)
+        self.not_in = [kb.vs(n) for n in spec.not_in]
+        self.history = spec.history
+        self.indicator: Indicator = spec.indicator or rule_indicator
+        recent = spec.recent
+        self.recent_days_setting = recent.days_setting if recent is not None else None
+        self.recent_indicator: Indicator = recent.indicator if recent is not None else self.indicator
+        self.acute = kb.vs(recent.in_) if recent is not None and recent.in_ is not None else None
+        self.site = spec.site
+        self.site_unknown_indicator: Indicator = spec.site_unknown_indicator
+
+
+class AllergyPlan:
+    """An allergy leaf's spec with its value sets looked up, as `Evaluation._allergies` reads it."""
+
+    __slots__ = ("no_known", "severe", "severe_indicator", "non_immune", "environmental", "indicator")
+
+    def __init__(self, kb: KnowledgeBase, spec: AllergySpec, rule_indicator: Indicator) -> None:
+        self.no_known = kb.vs(spec.no_known)
+        self.severe = kb.vs(spec.critical_manifestations)
+        self.severe_indicator: Indicator = spec.severe_indicator
+        self.non_immune = kb.vs(spec.non_immune) if spec.non_immune else None
+        self.environmental = kb.vs(spec.environmental) if spec.environmental else None
+        self.indicator: Indicator = rule_indicator
+
+
+class IngredientAllergyPlan:
+    """An ingredient-allergy leaf's spec, as `Evaluation._ingredient_allergies` reads it."""
+
+    __slots__ = ("no_known", "related_indicator")
+
+    def __init__(self, kb: KnowledgeBase, spec: IngredientAllergySpec) -> None:
+        self.no_known = kb.vs(spec.no_known)
+        self.related_indicator: Indicator = spec.related_indicator
+
+
+class WeanedPlan:
+    """A weaning leaf's spec with its value sets looked up, as `Evaluation._weaned` reads it."""
+
+    __slots__ = ("conditions", "observation", "feeding_answers", "weaned_answers")
+
+    def __init__(self, kb: KnowledgeBase, spec: WeanedSpec) -> None:
+        self.conditions = kb.vs(spec.conditions)
+        self.observation = kb.vs(spec.observation)
+        self.feeding_answers = kb.vs(spec.feeding_answers)
+        self.weaned_answers = kb.vs(spec.weaned_answers)
+
+
+def compile_node(kb: KnowledgeBase, node: Any, rule_indicator: Indicator) -> Any:
+    """A rule's condition as `Evaluation._node` reads it: `any` nodes and the leaves evaluated on every hook call in
+    native form (plans), the other leaves as they are."""
     if isinstance(node, AnyNode):
-        return AnyPlan([compile_node(kb, child) for child in node.any])
+        return AnyPlan([compile_node(kb, child, rule_indicator) for child in node.any])
+    if isinstance(node, ConditionLeaf):
+        return ConditionPlan(kb, node.condition, rule_indicator)
     if isinstance(node, ObservationLeaf):
         return ObservationPlan(kb, node.observation)
+    if isinstance(node, AllergyLeaf):
+        return AllergyPlan(kb, node.allergy, rule_indicator)
+    if isinstance(node, IngredientAllergyLeaf):
+        return IngredientAllergyPlan(kb, node.ingredient_allergy)
+    if isinstance(node, WeanedLeaf):
+        return WeanedPlan(kb, node.weaned)
     return node
 
 
@@ -118,10 +182,23 @@ class _RulePlan:
     def __init__(self, kb: KnowledgeBase, rule: Rule, need: Needs) -> None:
         self.rule = rule
         self.id = rule.id
-        self.when: Any = compile_node(kb, rule.when)
-        self.need = need
+        self.when: Any = compile_node(kb, rule.when, rule.indicator)
+        self.need = NeedPlan(need) if need is not None else None
         self.suppressed_by: list[str] = list(rule.suppressed_by)
         self.excludes: list[str] = list(rule.excludes_evidence_of)
+
+
+class NeedPlan:
+    """A rule's needs (`rule_needs`) as `Evaluation.holds` asks them: whether any allergy, or any data not obtained,
+    suffices, and per indexed kind the value sets any one of which does."""
+
+    __slots__ = ("allergies", "unavailable", "sets")
+
+    def __init__(self, need: frozenset[tuple[str, str]]) -> None:
+        self.allergies = ("allergies", ANY) in need
+        self.unavailable = ("unavailable", ANY) in need
+        self.sets = [(kind, ids) for kind in INDEXED_KINDS
+                     if (ids := frozenset(v for k, v in need if k == kind and v != ANY))]
 
 
 def rule_plans(kb: KnowledgeBase) -> list[_RulePlan]:
@@ -180,7 +257,7 @@ class Evaluation:
 
     def run(self) -> list[Finding]:
         for plan in rule_plans(self.kb):
-            if plan.need is not None and not self.holds_any(plan.need):
+            if plan.need is not None and not self.holds(plan.need):
                 continue  # nothing this rule reads is in the record
             if plan.suppressed_by and any(other in self.findings for other in plan.suppressed_by):
                 continue
@@ -193,13 +270,21 @@ class Evaluation:
 
     def holds_any(self, need: frozenset[tuple[str, str]]) -> bool:
         """Does the record hold any of these (kind, value set) pairs? What `need.isdisjoint(self.present())` says,
-        asked one pair at a time, without building the set."""
-        for kind, vs_id in need:
-            if vs_id == ANY:
-                record = self.record
-                if (kind == "allergies" and record.allergies) or (kind == "unavailable" and record.unavailable):
-                    return True
-            elif kind in INDEXED_KINDS and vs_id in self._index(kind):
+        without building the set."""
+        return self.holds(NeedPlan(need))
+
+    def holds(self, need: NeedPlan) -> bool:
+        """`holds_any` of a rule's needs as `rule_plans` compiled them."""
+        record = self.record
+        if (need.allergies and record.allergies) or (need.unavailable and record.unavailable):
+            return True
+        for kind, ids in need.sets:
+            index = self._index(kind)
+            if len(index) <= len(ids):
+                for vs_id in index:  # the record's value sets of this kind: usually a few
+                    if vs_id in ids:
+                        return True
+            elif any(vs_id in index for vs_id in ids):
                 return True
         return False
 
@@ -224,7 +309,7 @@ class Evaluation:
 
     def evidence(self, rule: Rule) -> list[Evidence]:
         """What `rule`'s condition finds in the record, before suppression and exclusion by other rules."""
-        return self._node(rule, compile_node(self.kb, rule.when))
+        return self._node(rule, compile_node(self.kb, rule.when, rule.indicator))
 
     # --- the grammar -----------------------------------------------------------------------------
 
@@ -235,20 +320,20 @@ class Evaluation:
         kind = type(node)
         if kind is AnyPlan:
             return [e for child in node.children for e in self._node(rule, child)]
+        if kind is ConditionPlan:
+            return self._conditions(node)
         if kind is ObservationPlan:
             return self._observation(rule, node)
+        if kind is AllergyPlan:
+            return self._allergies(node)
+        if kind is IngredientAllergyPlan:
+            return self._ingredient_allergies(node)
+        if kind is WeanedPlan:
+            return self._weaned(node)
         if kind not in _LEAVES:
             kind = next((k for k in kind.__mro__ if k in _LEAVES), kind)
-        if kind is ConditionLeaf:
-            return self._conditions(rule, node)
-        if kind is AllergyLeaf:
-            return self._allergies(rule, node)
         if kind is MedicationLeaf:
             return self._medications(rule, node)
-        if kind is IngredientAllergyLeaf:
-            return self._ingredient_allergies(node)
-        if kind is WeanedLeaf:
-            return self._weaned(node)
         if kind is PregnancyUnknownLeaf:
             return self._pregnancy_unknown(node)
         if kind is IncompleteLeaf:
@@ -258,14 +343,11 @@ class Evaluation:
             return self._postpartum(rule, node)
         raise TypeError(f"unknown rule node {type(node).__name__}")  # unreachable: the grammar is closed
 
-    def _conditions(self, rule: Rule, leaf: ConditionLeaf) -> list[Evidence]:
-        spec = leaf.condition  # its fields read once, before the loop: see _RulePlan
-        vs = self.vs(spec.in_)
-        not_in = [self.vs(n) for n in spec.not_in]
-        history, recent, site = spec.history, spec.recent, spec.site
-        indicator_found: Indicator = spec.indicator or rule.indicator
-        window = self.policy.limit(recent.days_setting) if recent is not None else 0
-        acute_vs = self.vs(recent.in_) if recent is not None and recent.in_ is not None else None
+    def _conditions(self, plan: ConditionPlan) -> list[Evidence]:
+        vs, not_in, history, site = plan.vs, plan.not_in, plan.history, plan.site
+        days_setting = plan.recent_days_setting
+        window = self.policy.limit(days_setting) if days_setting is not None else 0
+        acute_vs = plan.acute
         found = []
         for fact in self.members("conditions", vs.id):
             if not history and not fact.is_current(self.today):
@@ -273,19 +355,19 @@ class Evaluation:
             match = vs.match(fact.code)
             if match is None or any(n.match(fact.code) for n in not_in):
                 continue
-            indicator = indicator_found
+            indicator = plan.indicator
             notes = []
-            if recent is not None:
+            if days_setting is not None:
                 since = fact.onset or fact.recorded
                 is_recent = since is not None and since >= self.today - timedelta(days=window)
                 # An acute code left active for years is a stale record: "acute" decides only when undated.
                 acute = (since is None and acute_vs is not None and fact.is_current(self.today)
                          and acute_vs.match(fact.code) is not None)
                 if is_recent or acute:
-                    indicator = recent.indicator
+                    indicator = plan.recent_indicator
                     notes.append(f"recent (within {window} days)" if is_recent else "recorded as acute and active")
             if site:
-                where = self._site(fact, spec.site_unknown_indicator, indicator)
+                where = self._site(fact, plan.site_unknown_indicator, indicator)
                 if where is None:
                     continue
                 indicator, note = where
@@ -409,22 +491,18 @@ class Evaluation:
                                             leaf.medication.indicator or rule.indicator, []))
         return found
 
-    def _current_allergies(self, no_known: str) -> list[AllergyFact]:
-        nka = self.vs(no_known)
+    def _current_allergies(self, nka: ValueSet) -> list[AllergyFact]:
         return [a for a in self.record.allergies if a.is_current(self.today) and nka.match(a.code) is None]
 
-    def _allergies(self, rule: Rule, leaf: AllergyLeaf) -> list[Evidence]:
-        spec = leaf.allergy
-        severe = self.vs(spec.critical_manifestations)
-        non_immune = self.vs(spec.non_immune) if spec.non_immune else None
-        environmental = self.vs(spec.environmental) if spec.environmental else None
+    def _allergies(self, spec: AllergyPlan) -> list[Evidence]:
+        severe, non_immune, environmental = spec.severe, spec.non_immune, spec.environmental
         found = []
         for fact in self._current_allergies(spec.no_known):
             if non_immune is not None and fact.kind == "intolerance" and fact.reactions and all(
                     non_immune.match(r) is not None for r in fact.reactions):
                 continue  # an intolerance with only non-immune reactions (nausea, drowsiness) is no allergy
             notes = []
-            indicator = rule.indicator
+            indicator = spec.indicator
             if fact.criticality == "high":
                 indicator, notes = spec.severe_indicator, ["criticality high"]
             if fact.severe:
@@ -442,10 +520,10 @@ class Evaluation:
             found.append(ev)
         return found
 
-    def _ingredient_allergies(self, leaf: IngredientAllergyLeaf) -> list[Evidence]:
+    def _ingredient_allergies(self, spec: IngredientAllergyPlan) -> list[Evidence]:
         kb = self.kb
         found = []
-        for fact in self._current_allergies(leaf.ingredient_allergy.no_known):
+        for fact in self._current_allergies(spec.no_known):
             agent = fact.agent
             allergens = ingredients_in(kb, agent)
             classes = {cid for cid, m in kb.class_text if any(m.search(t) for t in agent.all_texts())}
@@ -459,10 +537,10 @@ class Evaluation:
                     elif allergens.intersection(ingredient.members):  # a group ordered, one member allergen
                         named = sorted(allergens.intersection(ingredient.members))
                         names = ", ".join(kb.ingredients[a].display for a in named)
-                        hit = (leaf.ingredient_allergy.related_indicator,
+                        hit = (spec.related_indicator,
                                f"the ordered {ingredient.display} may include {names}: {source}")
                     elif any(ing.id in kb.ingredients[a].members for a in allergens):  # a group allergen
-                        hit = (leaf.ingredient_allergy.related_indicator,
+                        hit = (spec.related_indicator,
                                f"an allergy to a mix whose contents are not recorded may include ordered ingredient "
                                f"{source}")
                     elif ingredient.ingredient_class and ingredient.ingredient_class in classes:
@@ -470,7 +548,7 @@ class Evaluation:
                     elif ingredient.ingredient_class and any(
                             kb.ingredients[a].ingredient_class == ingredient.ingredient_class for a in allergens):
                         cls = kb.ingredient_classes[ingredient.ingredient_class].display
-                        hit = (leaf.ingredient_allergy.related_indicator,
+                        hit = (spec.related_indicator,
                                f"related agent of the same class ({cls}) as ordered ingredient {source}: "
                                "possible cross-reactivity")
                     else:
@@ -481,18 +559,16 @@ class Evaluation:
                 found.append(self._evidence(fact, "", best[0], [best[1]]))
         return found
 
-    def _weaned(self, leaf: WeanedLeaf) -> list[Evidence]:
-        spec = leaf.weaned
+    def _weaned(self, spec: WeanedPlan) -> list[Evidence]:
         months = self.policy.weaning_wait_months
         cutoff = _months_before(self.today, months)
         found = []
-        lactation = self.vs(spec.conditions)
-        for fact in self.members("conditions", lactation.id):
+        for fact in self.members("conditions", spec.conditions.id):
             if fact.abatement and cutoff < fact.abatement <= self.today:
                 found.append(Evidence(fact.ref, fact.code.label, f"breastfeeding ended {fact.abatement}",
                                       fact.status_text, fact.abatement, "warning",
                                       [f"ended less than {months} months ago"], fact.raw))
-        status_vs, yes, no = self.vs(spec.observation), self.vs(spec.feeding_answers), self.vs(spec.weaned_answers)
+        status_vs, yes, no = spec.observation, spec.feeding_answers, spec.weaned_answers
         series = sorted((o for o in self.members("observations", status_vs.id) if o.when),
                         key=lambda o: o.when)
         last_yes = None
@@ -592,7 +668,8 @@ Needs = frozenset[tuple[str, str]] | None
 # The leaf kinds `Evaluation._node` evaluates: a rule using any other is refused at start-up (`rule_needs`).
 EVALUATED = (ConditionLeaf, ObservationLeaf, MedicationLeaf, AllergyLeaf, IngredientAllergyLeaf, WeanedLeaf,
              PregnancyUnknownLeaf, IncompleteLeaf, PostpartumLeaf)
-_LEAVES = frozenset(EVALUATED) - {ObservationLeaf}  # the leaves `Evaluation._node` takes as they are
+# The leaves `Evaluation._node` takes as they are (the others are compiled into plans: `compile_node`).
+_LEAVES = frozenset(EVALUATED) - {ConditionLeaf, ObservationLeaf, AllergyLeaf, IngredientAllergyLeaf, WeanedLeaf}
 
 
 def rule_needs(kb: KnowledgeBase) -> dict[str, Needs]:

@@ -130,3 +130,14 @@ def test_reference_keys(ref: str, key: str) -> None:
 def test_reference_reads_only_a_string_reference() -> None:
     assert reference({"reference": "Patient/p"}) == "Patient/p"
     assert reference({"reference": 5}) is None and reference("Patient/p") is None
+
+
+def test_iso_is_isoformat_for_dates_and_datetimes() -> None:
+    from cds.fhir.json import iso
+
+    day = date(2026, 10, 2)
+    assert iso(day) == "2026-10-02" and iso(date(2026, 10, 2)) == "2026-10-02"
+    utc = datetime(2026, 10, 2, 10, 0, tzinfo=UTC)
+    plus_one = datetime(2026, 10, 2, 11, 0, tzinfo=timezone(timedelta(hours=1)))
+    assert utc == plus_one  # the same instant: equal, yet written differently
+    assert (iso(utc), iso(plus_one)) == (utc.isoformat(), plus_one.isoformat())
