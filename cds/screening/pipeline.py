@@ -144,6 +144,9 @@ class Screening:
         return gathered
 
 
+_SHA256 = hashlib.sha256()
+
+
 def repeat_key(patient: str, finding: Finding, orders: list[Order]) -> str:
     """sha256 over the patient's pseudonym, the rule (id, version, indicator), the orders or appointments and every
     piece of evidence as the card tells it (record, what, status, date, notes): any change gives another key."""
@@ -155,6 +158,3 @@ def repeat_key(patient: str, finding: Finding, orders: list[Order]) -> str:
     digest = _SHA256.copy()  # a copy of a made context: hashlib.sha256() looks the algorithm up by name each time
     digest.update("\x1e".join(parts).encode())
     return digest.hexdigest()
-
-
-_SHA256 = hashlib.sha256()

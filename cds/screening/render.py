@@ -170,6 +170,7 @@ def _consultation_first(patient_id: str, new_uuid: Callable[[], str]) -> dict[st
 
 _WHERE = re.compile(r" in ([A-Za-z]+/[A-Za-z0-9\-.]+) \(from ([^)]*)\)")  # an ingredient's order and source: last line
 _SAYS_ALLERGY = re.compile(r"allerg|intoleran|sensitiv|anaphyla", re.IGNORECASE)
+_MATCHED = re.compile(r"^(code|text|answer) \((.*)\)$")
 _LABELS = {"MedicationRequest": "prescription", "MedicationOrder": "prescription",
            "MedicationStatement": "on the medication list"}
 
@@ -193,7 +194,7 @@ def _found(e: Evidence, problem: str | None) -> str:
         else:
             verb = "recorded"
         words.append(f"{verb} {iso(e.when)}")
-    words.extend(md(_WHERE.sub("", n) if " (from " in n else n) for n in e.notes)
+    words.extend(md(_WHERE.sub("", n)) for n in e.notes)
     if problem is not None:
         words.append("this record did not pass FHIR validation; read as far as possible")
     what = md(e.what)
@@ -209,24 +210,16 @@ def _planned(o: Order) -> str:
     return f"**{md(o.label)}** - {status}" + (f", {iso(o.when)}" if o.when else ", date not set")
 
 
-def _how(matched: str) -> str:
-    """How a record was matched, for the card's last line: "code (SNOMED CT 77386006 Pregnant)" reads
-    "by code: SNOMED CT 77386006 Pregnant"; anything else as it is."""
-    way, sep, what = matched.partition(" (")
-    if sep and way in ("code", "text", "answer") and what.endswith(")") and "\n" not in what:
-        return f"by {way}: {what[:-1]}"
-    return matched
-
-
 def _refs(finding: Finding, orders: list[Order], problems: list[str | None]) -> str:
     parts = []
     for e, problem in zip(finding.evidence, problems, strict=True):
         ref = e.ref if "/" in e.ref else ""
-        how = _how(e.matched)
+        matched = _MATCHED.match(e.matched) if e.matched else None
+        how = f"by {matched[1]}: {matched[2]}" if matched else e.matched
         if problem is not None:
             how = f"{how}; invalid: {problem[:80]}" if how else f"invalid: {problem[:80]}"
         for n in e.notes:
-            for order_ref, origin in _WHERE.findall(n) if " (from " in n else ():
+            for order_ref, origin in _WHERE.findall(n):
                 how = f"{how}; ingredient of {order_ref} from {origin}" if how else \
                     f"ingredient of {order_ref} from {origin}"
         if ref:

@@ -188,6 +188,9 @@ class _RulePlan:
         self.excludes: list[str] = list(rule.excludes_evidence_of)
 
 
+INDEXED_KINDS = ("conditions", "observations", "medications")  # the record's facts found by value set
+
+
 class NeedPlan:
     """A rule's needs (`rule_needs`) as `Evaluation.holds` asks them: whether any allergy, or any data not obtained,
     suffices, and per indexed kind the value sets any one of which does."""
@@ -218,8 +221,6 @@ def worst(levels: list[Indicator]) -> Indicator:
             found = level
     return found
 
-
-INDEXED_KINDS = ("conditions", "observations", "medications")  # the record's facts found by value set
 
 
 class Evaluation:
@@ -268,13 +269,9 @@ class Evaluation:
                 self.findings[plan.id] = self._finding(plan.rule, _dedupe(evidence))
         return sorted(self.findings.values(), key=lambda f: -INDICATOR_RANK[f.indicator])
 
-    def holds_any(self, need: frozenset[tuple[str, str]]) -> bool:
-        """Does the record hold any of these (kind, value set) pairs? What `need.isdisjoint(self.present())` says,
-        without building the set."""
-        return self.holds(NeedPlan(need))
-
     def holds(self, need: NeedPlan) -> bool:
-        """`holds_any` of a rule's needs as `rule_plans` compiled them."""
+        """Does the record hold any of a rule's needs? What `need.isdisjoint(self.present())` says of the needs as
+        `rule_needs` gives them, without building the set."""
         record = self.record
         if (need.allergies and record.allergies) or (need.unavailable and record.unavailable):
             return True

@@ -27,7 +27,7 @@ from cds.screening.hooks import SERVICE_HOOKS
 from cds.screening.orders import draft_resources, find_mesotherapy
 from cds.screening.pipeline import Screening
 from cds.screening.record import build_record
-from cds.screening.rules import Evaluation, rule_needs
+from cds.screening.rules import Evaluation, NeedPlan, rule_needs
 
 from conftest import dev_settings
 from scenarios import SCENARIOS, Scenario, assert_no_empty_values, card_topics, check_cards
@@ -121,7 +121,7 @@ def test_rules_skipped_for_lack_of_data_would_have_found_nothing(kb: KnowledgeBa
         present = evaluation.present()
         for rule in kb.rules:
             if needs[rule.id] is not None:  # what run() asks, pair by pair, agrees with the set
-                assert evaluation.holds_any(needs[rule.id]) is not needs[rule.id].isdisjoint(present), rule.id
+                assert evaluation.holds(NeedPlan(needs[rule.id])) is not needs[rule.id].isdisjoint(present), rule.id
             if needs[rule.id] is not None and needs[rule.id].isdisjoint(present):
                 assert evaluation.evidence(rule) == [], (path.name, rule.id)
                 skipped += 1
