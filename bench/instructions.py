@@ -1,13 +1,22 @@
 """Instructions per request, counted by valgrind's callgrind: a reading that does not move with machine load.
 
 Wall-clock and CPU-time readings on a shared 2-core machine move by ±15 % from run to run; instruction counts
-are the same for the same code and inputs. For each app (the service, the floor) and record size, this runs the
-app in process through ASGI (as `hotpath.py` does, no sockets) twice under callgrind, with 0 and with N
-requests after the same warm-up, and prints the difference divided by N. The audit writer's thread is counted
-too. Instructions are not time: interpreted Python does fewer per nanosecond than orjson's C, so the service's
-time ratio to the floor is somewhat above its instruction ratio.
+are the same for the same code and inputs (two runs agree within 1 %). Two ways to count, for each app (the
+service, the floor) and record size:
 
-Run: `python bench/instructions.py [--sizes 20,200,1000] [--apps service,floor]` (needs valgrind; a few minutes).
+- `--http` (what `make bench` measures): the real server (`python -m cds`, `bench/floor.py`) runs under
+  callgrind; after a warm-up its counters are zeroed (`callgrind_control -z`), N requests are sent over
+  keep-alive connections at concurrency 16, and the counters are dumped (`callgrind_control -d`). Everything the
+  server process does is counted: HTTP parsing, the event loop, the audit writer's threads.
+- in process (the default): the app is called through ASGI (as `hotpath.py` does, no sockets) twice under
+  callgrind, with 0 and with N requests after the same warm-up; the difference divided by N. It leaves out
+  uvicorn and the event loop's socket work, so it undercounts the floor more than the service.
+
+Instructions are not time: interpreted Python and the service's larger working set do fewer instructions a
+nanosecond than orjson's C, so the service's time ratio to the floor is somewhat above its instruction ratio.
+
+Run: `python bench/instructions.py [--http] [--sizes 20,200,1000] [--apps service,floor]` (needs valgrind; a
+few minutes).
 """
 
 from __future__ import annotations
@@ -67,6 +76,69 @@ def count(app_name: str, size: int, requests: int) -> int:
     return int(found.group(1))
 
 
+HTTP_WARMUP = 60
+
+
+def count_http(app_name: str, size: int, requests: int) -> int:
+    """Instructions the server process spends on `requests` requests over HTTP, after a warm-up."""
+    import orjson
+    import servers
+    import workloads
+
+    log_dir = Path(tempfile.mkdtemp(prefix="cds-instructions-"))
+    port = servers.free_port()
+    # valgrind names its gdbserver pipe after $HOST: callgrind_control must run with the server's environment
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "CDS_ENV": "dev",
+           "CDS_DATA_DIR": str(log_dir / "data")}
+    target = ["-m", "cds"] if app_name == "service" else [str(BENCH / "floor.py")]
+    out = log_dir / "callgrind.out"
+    with open(log_dir / "server.log", "wb") as log:
+        proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                                 *target], cwd=BENCH.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = servers.Server(app_name, port, proc, log_dir / "server.log")
+    try:
+        server.wait_healthy(300)
+        body = orjson.dumps(workloads.hook_request(workloads.record(size)))
+        asyncio.run(_send(port, body, HTTP_WARMUP))
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], env=env, check=True, capture_output=True)
+        asyncio.run(_send(port, body, requests))
+        subprocess.run(["callgrind_control", "-d", "measured", str(proc.pid)], env=env, check=True,
+                       capture_output=True)
+    finally:
+        server.stop()
+    total = 0
+    for dump in log_dir.glob("callgrind.out*"):  # one file per thread and dump; the dump named "measured"
+        text = dump.read_text(errors="replace")
+        if "measured" in text.split("\nfn=", 1)[0] and (found := re.search(r"^(?:totals|summary): (\d+)", text,
+                                                                            re.M)):
+            total += int(found.group(1))
+    if not total:
+        raise RuntimeError(f"no callgrind dump named 'measured' in {log_dir}")
+    return total
+
+
+async def _send(port: int, body: bytes, requests: int, concurrency: int = 16) -> None:
+    from loadgen import build_request, read_response
+
+    request = build_request("127.0.0.1", port, "/cds-services/mesotherapy-contraindications", body)
+    left = requests
+
+    async def connection() -> None:
+        nonlocal left
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        try:
+            while left > 0:
+                left -= 1
+                writer.write(request)
+                status, _, _ = await read_response(reader)
+                if status != 200:
+                    raise RuntimeError(f"status {status}")
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         import uvloop
@@ -76,12 +148,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="20")
     p.add_argument("--apps", default="service,floor")
+    p.add_argument("--http", action="store_true", help="count the real server over HTTP")
     args = p.parse_args()
     for size in (int(s) for s in args.sizes.split(",")):
         n = max(5, 4000 // size)  # about the same run time at every size
         for app_name in args.apps.split(","):
-            per_request = (count(app_name, size, n) - count(app_name, size, 0)) / n
-            say(f"{app_name:8s} {size:5d} resources: {per_request / 1000:9,.0f} k instructions per request")
+            if args.http:
+                per_request = count_http(app_name, size, n) / n
+            else:
+                per_request = (count(app_name, size, n) - count(app_name, size, 0)) / n
+            say(f"{app_name:8s} {size:5d} resources: {per_request / 1000:9,.0f} k instructions per request"
+                f"{' (HTTP)' if args.http else ''}")
 
 
 if __name__ == "__main__":

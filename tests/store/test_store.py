@@ -146,12 +146,19 @@ async def test_large_card_batch_is_stored_whole_and_exact(db_url: str) -> None:
     async with await Store.open(db_url) as store:
         batch = [card(f"L{i:04d}", rule=f"rule-{i % 7}", version=1 + i % 4, indicator=("info", "warning")[i % 2],
                       hook_instance=f"hi-{i}", patient_pseudonym=None if i % 5 == 0 else f"ps-{i}",
-                      issued_at=T0 + timedelta(seconds=i), suggestion_uuids=[f"L{i}-s"] * (i % 3))
+                      issued_at=T0 + timedelta(seconds=i), suggestion_uuids=[f"L{i}-s"] * (i % 3),
+                      repeat_key=None if i % 3 == 0 else f"rk-{i}", silent=i % 4 == 0)
                  for i in range(1201)]
         await store.record_cards([*batch, card("L0007", rule="not-stored")])  # L0007 again, in the same call
         rows = await all_cards(store)
         await store.record_cards([card(f"L{i:04d}", rule="not-stored") for i in range(995, 1005)])  # ignored
         assert await all_cards(store) == rows
+        kinds = set()
+        if store.engine.dialect.name == "sqlite":
+            async with store.engine.connect() as conn:
+                kinds = set((await conn.exec_driver_sql(
+                    "SELECT typeof(uuid), typeof(rule_version), typeof(patient_pseudonym), typeof(issued_at), "
+                    "typeof(suggestion_uuids), typeof(repeat_key), typeof(silent) FROM issued_cards")).all())
     assert len(rows) == 1201
     for c, row in zip(batch, rows, strict=True):
         assert (row["uuid"], row["rule_id"], row["rule_version"], row["indicator"], row["hook"],
@@ -159,6 +166,10 @@ async def test_large_card_batch_is_stored_whole_and_exact(db_url: str) -> None:
                     c.uuid, c.rule_id, c.rule_version, c.indicator, c.hook, c.hook_instance, c.patient_pseudonym)
         assert row["issued_at"] == c.issued_at
         assert json.loads(row["suggestion_uuids"]) == list(c.suggestion_uuids)
+        assert (row["repeat_key"], row["silent"]) == (c.repeat_key, c.silent)
+    if kinds:  # SQLite: stored as SQLAlchemy itself binds them, whatever way the sink writes
+        assert kinds == {("text", "integer", p, "text", "text", k, "integer")
+                         for p in ("text", "null") for k in ("text", "null")}
 
 
 @pytest.mark.anyio
