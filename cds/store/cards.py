@@ -18,6 +18,7 @@ Either way the cards come from the audit writer (writer.py), off the hook's requ
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class _CardInsert:
         self._time = issued_cards.c.issued_at.type.dialect_impl(dialect).bind_processor(dialect) or _same
         self._processors = {c.name: p for c in issued_cards.c if c.name != "issued_at"
                             if (p := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None}
+        self._in_order = operator.itemgetter(*self.columns)  # a row's values as the tuple the statement binds
 
     def rows(self, cards: Sequence[IssuedCard]) -> list[tuple[Any, ...]]:
         """The parameters; a naive `issued_at` raises ValueError here, before anything is written."""
@@ -94,7 +96,7 @@ class _CardInsert:
                    "repeat_key": c.repeat_key, "silent": bool(c.silent)}
             for name, process in processors.items():
                 row[name] = process(row[name])
-            out.append(tuple(row[name] for name in self.columns))
+            out.append(self._in_order(row))
         return out
 
 
