@@ -1,16 +1,17 @@
 """Instructions per request, counted by valgrind's callgrind: a reading that does not move with machine load.
 
 Wall-clock and CPU-time readings on a shared 2-core machine move by ±15 % from run to run; instruction counts
-are the same for the same code and inputs (two runs agree within 1 %). Two ways to count, for each app (the
-service, the floor) and record size:
+are the same for the same code and inputs. Two ways to count, for each app (the service, the floor) and record
+size:
 
 - `--http` (what `make bench` measures): the real server (`python -m cds`, `bench/floor.py`) runs under
   callgrind; after a warm-up its counters are zeroed (`callgrind_control -z`), N requests are sent over
   keep-alive connections at concurrency 16, and the counters are dumped (`callgrind_control -d`). Everything the
-  server process does is counted: HTTP parsing, the event loop, the audit writer's threads.
+  server process does is counted: HTTP parsing, the event loop, the audit writer's threads. Two runs differ by
+  1-2 % (the writer's batches fall differently).
 - in process (the default): the app is called through ASGI (as `hotpath.py` does, no sockets) twice under
-  callgrind, with 0 and with N requests after the same warm-up; the difference divided by N. It leaves out
-  uvicorn and the event loop's socket work, so it undercounts the floor more than the service.
+  callgrind, with 0 and with N requests after the same warm-up; the difference divided by N. Two runs agree
+  within 1 %; uvicorn and the event loop's socket work are left out.
 
 Instructions are not time: interpreted Python and the service's larger working set do fewer instructions a
 nanosecond than orjson's C, so the service's time ratio to the floor is somewhat above its instruction ratio.
@@ -119,8 +120,9 @@ def count_http(app_name: str, size: int, requests: int) -> int:
 
 async def _send(port: int, body: bytes, requests: int, concurrency: int = 16) -> None:
     from loadgen import build_request, read_response
+    from run import PATH
 
-    request = build_request("127.0.0.1", port, "/cds-services/mesotherapy-contraindications", body)
+    request = build_request("127.0.0.1", port, PATH, body)
     left = requests
 
     async def connection() -> None:
