@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from ..errors import InvalidRequest, NotAuthenticated, PayloadTooLarge, RequestTimeout, ServiceUnavailable
 from ..store import StoreError
+from .deadlines import deadlines
 from .security import ClientVerifier
 
 log = logging.getLogger("cds")
@@ -59,12 +60,31 @@ def base_url(request: Request) -> str:
 
 
 async def read_json(request: Request, limit: int, timeout_s: float = 10.0) -> Any:
-    """The request body as JSON: 413 over the limit, 408 when it does not arrive in time, 400 when not JSON."""
+    """The request body as JSON: 413 over the limit, 408 when it does not arrive in time, 400 when not JSON.
+
+    The time limit is a deadline on the loop's shared timer (deadlines.py), not a timer of its own: when it passes,
+    the task is cancelled while it waits for the body, and the cancellation becomes the 408.
+    """
+    task = asyncio.current_task()
+    assert task is not None  # an ASGI app always runs in a task
+    timer = deadlines(task.get_loop())
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer.set(task, timeout_s, expire)
     try:
-        async with asyncio.timeout(timeout_s):
-            chunks = await _read_body(request, limit)
-    except TimeoutError:
+        chunks = await _read_body(request, limit)
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        task.uncancel()
         raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    finally:
+        timer.clear(task)
     if not chunks:
         raise InvalidRequest("the request body is empty; a JSON object is required")
     try:

@@ -14,6 +14,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..settings import Settings
+from .deadlines import deadlines
 
 
 class _Refused(Exception):
@@ -31,7 +32,7 @@ class LimitedHttpTools(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._refused = False
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._deadlines = deadlines(self.loop)  # the head's deadline: the loop's shared timer, not one per request
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's own
         super().connection_made(transport)
@@ -61,7 +62,7 @@ class LimitedHttpTools(HttpToolsProtocol):
         super().on_message_begin()
         self._head_done = False
         self._header_count = 0
-        if self._head_timer is None:
+        if self not in self._deadlines:  # armed when the connection opened: the first request keeps that time
             self._arm()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -85,16 +86,12 @@ class LimitedHttpTools(HttpToolsProtocol):
             super().send_400_response(msg)
 
     def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+        self._deadlines.set(self, self.head_timeout_s, self._head_timeout)
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._deadlines.clear(self)
 
     def _head_timeout(self) -> None:
-        self._head_timer = None
         if self._head_done or self.transport.is_closing():
             return
         if self._head_bytes or self._header_count:
