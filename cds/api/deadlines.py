@@ -21,16 +21,16 @@ TICK_S = 0.1
 class Deadlines:
     """The deadlines of one event loop, each under a key (its protocol, its task) with what to do when it passes."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:  # no reference to its loop: the loop's entry in _BY_LOOP must be able to go
         self._due: dict[Hashable, tuple[float, Callable[[], object]]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def set(self, key: Hashable, delay_s: float, expire: Callable[[], object]) -> None:
         """Call `expire()` once `delay_s` has passed, unless `clear(key)` comes first (a key set again moves)."""
-        self._due[key] = (self._loop.time() + delay_s, expire)
+        loop = asyncio.get_running_loop()
+        self._due[key] = (loop.time() + delay_s, expire)
         if self._timer is None:
-            self._timer = self._loop.call_later(TICK_S, self._check)
+            self._timer = loop.call_later(TICK_S, self._check)
 
     def clear(self, key: Hashable) -> None:
         self._due.pop(key, None)
@@ -39,7 +39,8 @@ class Deadlines:
         return key in self._due
 
     def _check(self) -> None:
-        now = self._loop.time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         passed = [(key, expire) for key, (at, expire) in self._due.items() if at <= now]
         for key, expire in passed:
             del self._due[key]
@@ -47,7 +48,7 @@ class Deadlines:
                 expire()
             except Exception:  # one failing callback must not stop the others, nor the timer
                 log.exception("a request deadline's callback failed")
-        self._timer = self._loop.call_later(TICK_S, self._check) if self._due else None
+        self._timer = loop.call_later(TICK_S, self._check) if self._due else None
 
 
 _BY_LOOP: WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = WeakKeyDictionary()
@@ -57,5 +58,5 @@ def deadlines(loop: asyncio.AbstractEventLoop) -> Deadlines:
     """The deadlines of `loop` (tests run several loops in one process: each has its own)."""
     found = _BY_LOOP.get(loop)
     if found is None:
-        found = _BY_LOOP[loop] = Deadlines(loop)
+        found = _BY_LOOP[loop] = Deadlines()
     return found

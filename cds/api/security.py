@@ -275,7 +275,6 @@ class MemoryReplayCache:
 
 
 @lru_cache(maxsize=4096)  # the same patient comes back at every hook call
-@lru_cache(maxsize=4096)  # a hook call's HMAC cost ~5 us; the same patients come back at every hook
 def pseudonym(value: str, key: bytes) -> str:
     """Keyed hash (HMAC-SHA256, 16 hex chars) of a patient id, for logs and stored records."""
     return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:16]

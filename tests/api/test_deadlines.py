@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -48,11 +50,16 @@ async def test_a_failing_callback_stops_neither_the_others_nor_the_timer(caplog:
 
 
 def test_each_event_loop_has_its_own_deadlines() -> None:
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
     async def mine() -> Any:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
         return deadlines(asyncio.get_running_loop())
 
     first, second = asyncio.run(mine()), asyncio.run(mine())
     assert first is not second
+    gc.collect()
+    assert [ref() for ref in loops] == [None, None]  # a closed loop is not kept alive by its deadlines' entry
 
 
 def _stalled_request(sent: bytes, declared: int) -> Request:
