@@ -37,7 +37,7 @@ def preamble(results: dict[str, Any]) -> None:
     say(f"stack: Python {st['python']}, FastAPI {st['fastapi']}, uvicorn {st['uvicorn']}, uvloop {st['uvloop']}, "
           f"httptools {st['httptools']}, orjson {st['orjson']}")
     say(f"load: concurrency {se['concurrency']}, warm-up {se['warmup_s']:g} s, then {se['duration_s']:g} s per "
-          f"endpoint in {se['slices']} alternating slices")
+          f"endpoint in {se['slices']} alternating slices, over {se.get('instances', 1)} processes of each")
     say(f"NOTE: the load generator ({results['generator']}). Absolute numbers are lower than on a machine "
           "with a separate load client; the service/floor ratios are what to compare.", flush=True)
 
@@ -54,6 +54,10 @@ def _table(block: dict[str, Any], title: str) -> None:
             say(f"    non-2xx answers: {s['non_2xx_statuses']} (e.g. 412 when the Patient was not fetched in time)")
         if s.get("first_error"):
             say(f"    first error: {s['first_error']}")
+    spread = {name: block.get(name, {}).get("processes_rps") or [] for name in ("service", "floor")}
+    if any(len(rps) > 1 for rps in spread.values()):
+        say("  each process (req/s): " + "; ".join(f"{name} {', '.join(_fmt(x) for x in rps)}"
+                                                   for name, rps in spread.items()))
     r = block.get("ratio", {})
     say(f"  service/floor: throughput {_fmt(r.get('throughput'), 3)}, p50 {_fmt(r.get('p50'), 2)}x, "
           f"p99 {_fmt(r.get('p99'), 2)}x")
@@ -173,8 +177,11 @@ def markdown(results: dict[str, Any]) -> str:
             if not block:
                 continue
             s, f, r = block["service"], block["floor"], block["ratio"]
-            label = f"{name} ({wl['resources']} resources)" if name != "fetch" else "fetch (prefetch absent)"
-            lines.append(f"| {label} | {block['concurrency']} | {_fmt(s['rps'])} | {_fmt(f['rps'])} | "
-                         f"{_fmt(r['throughput'], 2)} | {_fmt(s['p50_ms'])} / {_fmt(s['p99_ms'])} | "
-                         f"{_fmt(f['p50_ms'])} / {_fmt(f['p99_ms'])} | {_fmt(r['p99'], 2)} |")
+            if name == "fetch":  # the floor fetches nothing: its numbers say nothing about the fetch path
+                lines.append(f"| fetch (prefetch absent) | {block['concurrency']} | {_fmt(s['rps'])} | — | — | "
+                             f"{_fmt(s['p50_ms'])} / {_fmt(s['p99_ms'])} | — | — |")
+                continue
+            lines.append(f"| {name} ({wl['resources']} resources) | {block['concurrency']} | {_fmt(s['rps'])} | "
+                         f"{_fmt(f['rps'])} | {_fmt(r['throughput'], 2)} | {_fmt(s['p50_ms'])} / "
+                         f"{_fmt(s['p99_ms'])} | {_fmt(f['p50_ms'])} / {_fmt(f['p99_ms'])} | {_fmt(r['p99'], 2)} |")
     return "\n".join(lines)

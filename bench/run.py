@@ -1,16 +1,19 @@
 """`make bench`: the service against the floor of its own stack, in one run, on the same requests.
 
-Starts the service (`python -m cds`: uvicorn with uvloop + httptools, one worker, dev mode), the floor app
-(`bench/floor.py`) and, for the fetch workload, a delayed FHIR stub (`bench/fhirstub.py`), each in its own process
-on a free port of 127.0.0.1. For every workload it checks one request of each, warms both up, then drives them
-alternately in slices (service, floor, service, ...) at a fixed concurrency with the closed-loop generator of
-`bench/loadgen.py`, which runs in this process: on a small machine it shares the CPU with the servers, and the
-output says so. Prints a table per workload and a summary, writes `bench/results.json`, and exits 0 whatever the
-numbers are (2 only when a server cannot start at all).
+Starts the service (`python -m cds`: uvicorn with uvloop + httptools, one worker, dev mode) and the floor app
+(`bench/floor.py`), each as `--instances` separate processes, and, for the fetch workload, a delayed FHIR stub
+(`bench/fhirstub.py`), each on a free port of 127.0.0.1. For every workload it checks one request of each, warms
+every process up, then drives them alternately in slices (service, floor, service, ...; slice i on the i-th
+process of each, round the instances) at a fixed concurrency with the closed-loop generator of `bench/loadgen.py`,
+which runs in this process: on a small machine it shares the CPU with the servers, and the output says so. Each
+side's latencies and counts are pooled over its processes: one process's speed depends on where it lands
+(identical processes side by side differed by up to 8 %), so a single pair of processes decides a ratio by luck.
+Prints a table per workload and a summary, writes `bench/results.json`, and exits 0 whatever the numbers are (2 only
+when a server cannot start at all).
 
 Options (or BENCH_* environment variables): --duration 10 (seconds per endpoint per workload), --warmup 2,
---concurrency 16, --slices 5, --workloads typical,busy,synthea,fetch, --fhir-delay-ms 50, --output PATH.
-Quick run: `python bench/run.py --duration 2 --warmup 0.5`.
+--concurrency 16, --slices 6, --instances 3, --workloads typical,busy,synthea,fetch, --fhir-delay-ms 50,
+--output PATH. Quick run: `python bench/run.py --duration 2 --warmup 0.5`.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def options() -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=float(env("BENCH_DURATION", "10")))
     p.add_argument("--warmup", type=float, default=float(env("BENCH_WARMUP", "2")))
     p.add_argument("--concurrency", type=int, default=int(env("BENCH_CONCURRENCY", "16")))
-    p.add_argument("--slices", type=int, default=int(env("BENCH_SLICES", "5")))
+    p.add_argument("--slices", type=int, default=int(env("BENCH_SLICES", "6")))
+    p.add_argument("--instances", type=int, default=int(env("BENCH_INSTANCES", "3")))
     p.add_argument("--workloads", default=env("BENCH_WORKLOADS", "typical,busy,synthea,fetch"))
     p.add_argument("--fhir-delay-ms", type=float, default=float(env("BENCH_FHIR_DELAY_MS", "50")))
     p.add_argument("--output", type=Path, default=Path(env("BENCH_OUTPUT", str(servers.BENCH / "results.json"))))
@@ -73,22 +77,29 @@ async def probe(server: servers.Server, body: bytes) -> dict[str, Any]:
     return {"status": status, "ms": ms, "cards": topics}
 
 
-async def alternate(targets: list[servers.Server], body: bytes, concurrency: int, duration: float,
+async def alternate(sides: dict[str, list[servers.Server]], body: bytes, concurrency: int, duration: float,
                     warmup: float, slices: int) -> dict[str, dict[str, Any]]:
-    """Warm every target up, then drive them in turn, slice by slice; one summary per target."""
-    for server in targets:
-        await loadgen.run("127.0.0.1", server.port, PATH, body, concurrency, warmup, ramp=0)
-    totals = {server.name: loadgen.Result() for server in targets}
-    for _ in range(max(slices, 1)):
-        for server in targets:
-            part = await loadgen.run("127.0.0.1", server.port, PATH, body, concurrency, duration / max(slices, 1),
+    """Warm every process up, then drive the sides in turn, slice by slice, slice i on each side's process
+    i modulo its count; one summary per side, pooled over its processes, with each process's throughput."""
+    for procs in sides.values():
+        for server in procs:
+            await loadgen.run("127.0.0.1", server.port, PATH, body, concurrency, warmup, ramp=0)
+    totals = {side: loadgen.Result() for side in sides}
+    per_process = {side: [loadgen.Result() for _ in procs] for side, procs in sides.items()}
+    rounds = max(slices, 1)
+    for i in range(rounds):
+        for side, procs in sides.items():
+            server = procs[i % len(procs)]
+            part = await loadgen.run("127.0.0.1", server.port, PATH, body, concurrency, duration / rounds,
                                      cpu=server.cpu_seconds)
-            totals[server.name].add(part)
+            totals[side].add(part)
+            per_process[side][i % len(procs)].add(part)
     out: dict[str, dict[str, Any]] = {}
-    for name, result in totals.items():
-        out[name] = result.summary()
+    for side, result in totals.items():
+        out[side] = result.summary()
+        out[side]["processes_rps"] = [r.summary()["rps"] for r in per_process[side] if r.elapsed]
         if result.first_error:
-            out[name]["first_error"] = result.first_error
+            out[side]["first_error"] = result.first_error
     return out
 
 
@@ -111,22 +122,20 @@ async def stub_stats(stub: servers.Server, reset: bool = False) -> dict[str, Any
         return stats
 
 
-async def bench_workload(name: str, body: bytes, n: int | None, svc: list[servers.Server], args: argparse.Namespace,
-                         stub: servers.Server | None = None) -> dict[str, Any]:
-    service, floor = svc
+async def bench_workload(name: str, body: bytes, n: int | None, sides: dict[str, list[servers.Server]],
+                         args: argparse.Namespace, stub: servers.Server | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"resources": n, "body_bytes": len(body),
-                              "probe": {s.name: await probe(s, body) for s in (service, floor)}}
+                              "probe": {side: await probe(procs[0], body) for side, procs in sides.items()}}
     if stub is not None:
         await stub_stats(stub, reset=True)
-    result["load"] = await alternate([service, floor], body, args.concurrency, args.duration, args.warmup,
-                                     args.slices)
+    result["load"] = await alternate(sides, body, args.concurrency, args.duration, args.warmup, args.slices)
     result["load"]["ratio"] = ratios(result["load"])
     result["load"]["concurrency"] = args.concurrency
     if name in ("synthea", "fetch"):  # latency without queueing: one request at a time
         serial_s = max(args.duration / 2, 1.0)
         if stub is not None:  # warm-up and all slices under load
             result["stub_under_load"] = await stub_stats(stub, reset=True)
-        result["serial"] = await alternate([service, floor], body, 1, serial_s, min(args.warmup, 1.0), args.slices)
+        result["serial"] = await alternate(sides, body, 1, serial_s, min(args.warmup, 1.0), args.slices)
         result["serial"]["ratio"] = ratios(result["serial"])
         result["serial"]["concurrency"] = 1
         if stub is not None:
@@ -153,12 +162,15 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         "started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": servers.machine(),
         "stack": servers.stack_versions(), "code": servers.git_state(),
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
-                     "slices": args.slices, "fhir_delay_ms": args.fhir_delay_ms},
+                     "slices": args.slices, "instances": args.instances, "fhir_delay_ms": args.fhir_delay_ms},
         "generator": f"closed-loop raw HTTP/1.1 over asyncio ({loop_name}), in the orchestrating process; it "
                      f"shares the machine's {os.cpu_count()} cores with the servers",
         "workloads": {},
     }
-    started = [servers.start_service(log_dir), servers.start_floor(log_dir)]
+    count = max(args.instances, 1)
+    sides = {"service": [servers.start_service(_own_dir(log_dir, f"service-{k + 1}")) for k in range(count)],
+             "floor": [servers.start_floor(_own_dir(log_dir, f"floor-{k + 1}")) for k in range(count)]}
+    started = [*sides["service"], *sides["floor"]]
     stub = None
     try:
         if "fetch" in chosen:
@@ -181,7 +193,7 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 say(f"unknown workload {name!r}: skipped", flush=True)
                 continue
             try:
-                wl = await bench_workload(name, body, n, started[:2], args, stub if name == "fetch" else None)
+                wl = await bench_workload(name, body, n, sides, args, stub if name == "fetch" else None)
             except Exception as exc:  # noqa: BLE001 - report and go on: the benchmark never fails on numbers
                 wl = {"error": f"{type(exc).__name__}: {exc}"}
             results["workloads"][name] = wl
@@ -193,6 +205,13 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         for server in started:
             server.stop()
     return results
+
+
+def _own_dir(log_dir: Path, name: str) -> Path:
+    """A directory of one server process's own (its log, and the service's audit store)."""
+    path = log_dir / name
+    path.mkdir()
+    return path
 
 
 def main() -> int:
