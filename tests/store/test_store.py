@@ -37,6 +37,7 @@ from cds.store import (
     metadata,
     migrations,
 )
+from cds.store.replay import MAX_BATCH
 
 import pg
 
@@ -249,6 +250,37 @@ async def test_claim_jti(db_url: str) -> None:
         before = await count_rows(store, jwt_replay)
         assert await store.claim_jti("iss|jti-3", time.time() + 300) is True
         assert await count_rows(store, jwt_replay) == before  # "iss|gone" deleted, "iss|jti-3" added
+
+
+@pytest.mark.anyio
+async def test_concurrent_claims_each_win_once(db_url: str) -> None:
+    """Claims made together are written together (replay.py): more than one INSERT's worth (MAX_BATCH), each key
+    claimed once, the same key twice at once claimed by one of the two, and all refused when sent again."""
+    async with await Store.open(db_url) as store:
+        now = time.time()
+        keys = [f"iss|c{i}" for i in range(MAX_BATCH + 100)]
+        first = await asyncio.gather(*(store.claim(k, now + 300) for k in [*keys, "iss|c7"]))
+        assert first[:-1] == [True] * len(keys)
+        assert first[-1] is False  # c7 twice in one batch: the second is a replay of the first
+        again = await asyncio.gather(*(store.claim(k, now + 300) for k in keys[::50]))
+        assert again == [False] * len(keys[::50])
+        assert await count_rows(store, jwt_replay) == len(keys)
+
+
+@pytest.mark.anyio
+async def test_claims_during_an_outage_all_fail() -> None:
+    """Every claim of a batch the store cannot write gets the store's error (FallbackReplayCache then falls back
+    to its own memory), and the next claim tries the store again."""
+    store = await Store.open("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere", migrate=False,
+                             connect_timeout_s=1)  # nothing listens on port 1
+    try:
+        outcomes = await asyncio.gather(*(store.claim(f"iss|o{i}", time.time() + 300) for i in range(20)),
+                                        return_exceptions=True)
+        assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+        with pytest.raises(StoreUnavailable):
+            await store.claim("iss|o0", time.time() + 300)
+    finally:
+        await store.close()
 
 
 # -------------------------------------------------------------------------- restart and abrupt termination
