@@ -69,7 +69,10 @@ class ReplayCache:
 
     async def _insert(self, batch: dict[str, tuple[float, Any]]) -> set[str]:
         now = time.time()
-        insert = self._db.insert(jwt_replay).values([{"key": k, "expires_at": e} for k, (e, _) in batch.items()])
+        # In key order: two replicas writing overlapping batches take the rows' locks in the same order. A deadlock
+        # would fail one batch, and its claims would fall back to that process's own memory.
+        rows = [{"key": k, "expires_at": e} for k, (e, _) in sorted(batch.items())]
+        insert = self._db.insert(jwt_replay).values(rows)
         stmt = insert.on_conflict_do_update(
             index_elements=[jwt_replay.c.key], set_={"expires_at": insert.excluded.expires_at},
             where=jwt_replay.c.expires_at <= now,
