@@ -55,8 +55,9 @@ class Result:
                 "server_cpu_utilisation": round(self.cpu_s / self.elapsed, 2) if self.cpu_s and self.elapsed else None}
 
 
-def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: cds-bench\r\n"
+def build_request(host: str, port: int, path: str, body: bytes, token: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: cds-bench\r\n{auth}"
             f"Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
     return head.encode("ascii") + body
 
@@ -91,15 +92,22 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]
     return status, await reader.readexactly(length), keep_alive
 
 
-async def _worker(host: str, port: int, request: bytes, start: float, stop: float, result: Result) -> None:
+async def _worker(host: str, port: int, request: bytes, start: float, stop: float, result: Result,
+                  next_request: Callable[[], bytes] | None = None) -> None:
     reader = writer = None
     clock = time.perf_counter
     try:
         while clock() < stop:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+            try:
+                this = next_request() if next_request is not None else request
+            except StopIteration:  # no more requests made ahead (signed tokens): counted as an error
+                result.errors += 1
+                result.first_error = result.first_error or "ran out of requests made ahead (signed tokens)"
+                break
             sent = clock()
-            writer.write(request)
+            writer.write(this)
             status, _, keep_alive = await read_response(reader)
             done = clock()
             if start <= done <= stop:  # like wrk: what completes inside the window counts
@@ -120,12 +128,14 @@ async def _worker(host: str, port: int, request: bytes, start: float, stop: floa
 
 
 async def run(host: str, port: int, path: str, body: bytes, concurrency: int, duration: float,
-              ramp: float = 0.5, cpu: Callable[[], float | None] | None = None) -> Result:
+              ramp: float = 0.5, cpu: Callable[[], float | None] | None = None,
+              next_request: Callable[[], bytes] | None = None) -> Result:
     """Drive one endpoint: `ramp` seconds to reach a steady state, then a `duration`-second window.
 
     Throughput and latencies are those of the requests completed inside the window; requests still in flight
     when it closes finish (so that the next run starts on an idle server) but are not counted. `cpu`, if given,
     is read at the window's edges (the server's CPU seconds), giving the server's CPU time per request.
+    `next_request`, if given, makes each request's bytes (a JWT of its own); `body` is then not sent.
     """
     request = build_request(host, port, path, body)
     result = Result()
@@ -136,18 +146,19 @@ async def run(host: str, port: int, path: str, body: bytes, concurrency: int, du
         loop.call_later(ramp + duration, lambda: marks.__setitem__("stop", cpu()))
     start = time.perf_counter() + ramp
     stop = start + duration
-    await asyncio.gather(*(_worker(host, port, request, start, stop, result) for _ in range(concurrency)))
+    await asyncio.gather(*(_worker(host, port, request, start, stop, result, next_request) for _ in range(concurrency)))
     result.elapsed = duration
     a, b = marks.get("start"), marks.get("stop")
     result.cpu_s = b - a if a is not None and b is not None else None
     return result
 
 
-async def one(host: str, port: int, path: str, body: bytes, timeout: float = 30.0) -> tuple[int, bytes]:
-    """Send a single request; (status, body)."""
+async def one(host: str, port: int, path: str, body: bytes, timeout: float = 30.0,
+              token: str | None = None) -> tuple[int, bytes]:
+    """Send a single request (with `Authorization: Bearer <token>` when given); (status, body)."""
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
     try:
-        writer.write(build_request(host, port, path, body))
+        writer.write(build_request(host, port, path, body, token))
         status, payload, _ = await asyncio.wait_for(read_response(reader), timeout)
         return status, payload
     finally:

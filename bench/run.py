@@ -12,7 +12,7 @@ Prints a table per workload and a summary, writes `bench/results.json`, and exit
 when a server cannot start at all).
 
 Options (or BENCH_* environment variables): --duration 10 (seconds per endpoint per workload), --warmup 2,
---concurrency 16, --slices 6, --instances 3, --workloads typical,busy,synthea,fetch, --fhir-delay-ms 50,
+--concurrency 16, --slices 6, --instances 3, --workloads typical,busy,synthea,fetch,jwt, --fhir-delay-ms 50,
 --output PATH. Quick run: `python bench/run.py --duration 2 --warmup 0.5`.
 """
 
@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ehrjwt
 import loadgen
 import report
 import servers
@@ -55,17 +57,17 @@ def options() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=int(env("BENCH_CONCURRENCY", "16")))
     p.add_argument("--slices", type=int, default=int(env("BENCH_SLICES", "6")))
     p.add_argument("--instances", type=int, default=int(env("BENCH_INSTANCES", "3")))
-    p.add_argument("--workloads", default=env("BENCH_WORKLOADS", "typical,busy,synthea,fetch"))
+    p.add_argument("--workloads", default=env("BENCH_WORKLOADS", "typical,busy,synthea,fetch,jwt"))
     p.add_argument("--fhir-delay-ms", type=float, default=float(env("BENCH_FHIR_DELAY_MS", "50")))
     p.add_argument("--output", type=Path, default=Path(env("BENCH_OUTPUT", str(servers.BENCH / "results.json"))))
     return p.parse_args()
 
 
-async def probe(server: servers.Server, body: bytes) -> dict[str, Any]:
+async def probe(server: servers.Server, body: bytes, token: str | None = None) -> dict[str, Any]:
     """One request: its status, time and card topics (so the table says what was measured)."""
     started = time.perf_counter()
     try:
-        status, payload = await loadgen.one("127.0.0.1", server.port, PATH, body)
+        status, payload = await loadgen.one("127.0.0.1", server.port, PATH, body, token=token)
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
         return {"status": None, "error": f"{type(exc).__name__}: {exc}"}
     ms = round((time.perf_counter() - started) * 1000, 2)
@@ -77,13 +79,18 @@ async def probe(server: servers.Server, body: bytes) -> dict[str, Any]:
     return {"status": status, "ms": ms, "cards": topics}
 
 
+Makers = dict[int, Callable[[], bytes]]  # a server's port -> the bytes of its next request (a JWT of its own each)
+
+
 async def alternate(sides: dict[str, list[servers.Server]], body: bytes, concurrency: int, duration: float,
-                    warmup: float, slices: int) -> dict[str, dict[str, Any]]:
+                    warmup: float, slices: int, makers: Makers | None = None) -> dict[str, dict[str, Any]]:
     """Warm every process up, then drive the sides in turn, slice by slice, slice i on each side's process
     i modulo its count; one summary per side, pooled over its processes, with each process's throughput."""
+    makers = makers or {}
     for procs in sides.values():
         for server in procs:
-            await loadgen.run("127.0.0.1", server.port, PATH, body, concurrency, warmup, ramp=0)
+            await loadgen.run("127.0.0.1", server.port, PATH, body, concurrency, warmup, ramp=0,
+                              next_request=makers.get(server.port))
     totals = {side: loadgen.Result() for side in sides}
     per_process = {side: [loadgen.Result() for _ in procs] for side, procs in sides.items()}
     rounds = max(slices, 1)
@@ -91,7 +98,7 @@ async def alternate(sides: dict[str, list[servers.Server]], body: bytes, concurr
         for side, procs in sides.items():
             server = procs[i % len(procs)]
             part = await loadgen.run("127.0.0.1", server.port, PATH, body, concurrency, duration / rounds,
-                                     cpu=server.cpu_seconds)
+                                     cpu=server.cpu_seconds, next_request=makers.get(server.port))
             totals[side].add(part)
             per_process[side][i % len(procs)].add(part)
     out: dict[str, dict[str, Any]] = {}
@@ -123,12 +130,19 @@ async def stub_stats(stub: servers.Server, reset: bool = False) -> dict[str, Any
 
 
 async def bench_workload(name: str, body: bytes, n: int | None, sides: dict[str, list[servers.Server]],
-                         args: argparse.Namespace, stub: servers.Server | None = None) -> dict[str, Any]:
+                         args: argparse.Namespace, stub: servers.Server | None = None,
+                         ehr: ehrjwt.Ehr | None = None) -> dict[str, Any]:
+    token = ehr.token(sides["service"][0].port, PATH) if ehr is not None else None
     result: dict[str, Any] = {"resources": n, "body_bytes": len(body),
-                              "probe": {side: await probe(procs[0], body) for side, procs in sides.items()}}
+                              "probe": {side: await probe(procs[0], body, token if side == "service" else None)
+                                        for side, procs in sides.items()}}
     if stub is not None:
         await stub_stats(stub, reset=True)
-    result["load"] = await alternate(sides, body, args.concurrency, args.duration, args.warmup, args.slices)
+    makers: Makers = {}
+    if ehr is not None:  # enough tokens for 1,000 calls a second (ES384 verification alone caps it below that)
+        per_process = int(1000 * (args.warmup + args.duration / len(sides["service"]) + 2))
+        makers = {s.port: ehr.requests(s.port, PATH, body, per_process) for s in sides["service"]}
+    result["load"] = await alternate(sides, body, args.concurrency, args.duration, args.warmup, args.slices, makers)
     result["load"]["ratio"] = ratios(result["load"])
     result["load"]["concurrency"] = args.concurrency
     if name in ("synthea", "fetch"):  # latency without queueing: one request at a time
@@ -171,6 +185,12 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     sides = {"service": [servers.start_service(_own_dir(log_dir, f"service-{k + 1}")) for k in range(count)],
              "floor": [servers.start_floor(_own_dir(log_dir, f"floor-{k + 1}")) for k in range(count)]}
     started = [*sides["service"], *sides["floor"]]
+    ehr = ehrjwt.Ehr() if "jwt" in chosen else None
+    jwt_sides = None
+    if ehr is not None:  # the service as production runs it: every call's JWT verified, its jti claimed
+        jwt_sides = {"service": [servers.start_service(_own_dir(log_dir, f"service-jwt-{k + 1}"), ehr.settings)
+                                 for k in range(count)], "floor": sides["floor"]}
+        started += jwt_sides["service"]
     stub = None
     try:
         if "fetch" in chosen:
@@ -186,6 +206,9 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             if name == "fetch" and stub is not None:
                 n = workloads.SIZES["typical"]
                 body = orjson.dumps(workloads.hook_request(None, fhir_server=f"{stub.base_url}/fhir", token=TOKEN))
+            elif name == "jwt" and jwt_sides is not None:
+                n = workloads.SIZES["typical"]
+                body = orjson.dumps(workloads.hook_request(workloads.record(n)))
             elif name in workloads.SIZES:
                 n = workloads.SIZES[name]
                 body = orjson.dumps(workloads.hook_request(workloads.record(n)))
@@ -193,7 +216,10 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 say(f"unknown workload {name!r}: skipped", flush=True)
                 continue
             try:
-                wl = await bench_workload(name, body, n, sides, args, stub if name == "fetch" else None)
+                if name == "jwt" and jwt_sides is not None:
+                    wl = await bench_workload(name, body, n, jwt_sides, args, ehr=ehr)
+                else:
+                    wl = await bench_workload(name, body, n, sides, args, stub if name == "fetch" else None)
             except Exception as exc:  # noqa: BLE001 - report and go on: the benchmark never fails on numbers
                 wl = {"error": f"{type(exc).__name__}: {exc}"}
             results["workloads"][name] = wl
@@ -204,6 +230,8 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     finally:
         for server in started:
             server.stop()
+        if ehr is not None:
+            ehr.close()
     return results
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,13 +84,15 @@ def start(name: str, args: list[str], env: dict[str, str], log_dir: Path, port: 
     return Server(name, port, proc, log)
 
 
-def start_service(log_dir: Path) -> Server:
+def start_service(log_dir: Path, settings: Callable[[int], dict[str, str]] | None = None) -> Server:
     """The service as `make run` starts it: `python -m cds` in dev mode (uvicorn, loop/http "auto", INFO logs).
 
-    Its audit store (SQLite) goes to a fresh directory beside the logs, not to the developer's data/.
+    Its audit store (SQLite) goes to a fresh directory beside the logs, not to the developer's data/. `settings`,
+    given the port, returns more environment (the JWT workload's trusted issuer).
     """
     port = free_port()
-    env = {"CDS_ENV": "dev", "HOST": "127.0.0.1", "PORT": str(port), "CDS_DATA_DIR": str(log_dir / "data")}
+    env = {"CDS_ENV": "dev", "HOST": "127.0.0.1", "PORT": str(port), "CDS_DATA_DIR": str(log_dir / "data"),
+           **(settings(port) if settings else {})}
     return start("service", ["-m", "cds"], env, log_dir, port)
 
 
