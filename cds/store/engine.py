@@ -12,8 +12,8 @@ Concurrency and durability:
   `BEGIN IMMEDIATE`, so writers from several processes queue for the write lock instead of failing, and a
   check-then-insert (unknown card uuids, replay claims) cannot be overtaken between its read and its write.
 - Every committed write is on disk when the call returns: a restart, or a killed process, loses nothing.
-- Issued cards in a SQLite file are written by a thread of their own, on a connection of their own (see
-  `cards.py` for why).
+- Issued cards and JWT replay claims in a SQLite file are each written by a thread of their own, on a connection
+  of their own (see `cards.py` for why).
 
 Failures of the database itself raise `StoreUnavailable` (or `StoreError`), are counted in
 `cds_store_errors_total{operation=...}` and logged without SQL parameters, so no PHI reaches the logs; callers
@@ -66,9 +66,9 @@ class UnknownCard(LookupError):
 class Database:
     """The engine and its transactions; `Store` (store.py) adds what is stored. One per process (it has a pool)."""
 
-    def __init__(self, engine: AsyncEngine, card_writer: sa.Engine | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, thread_writer: sa.Engine | None = None) -> None:
         self._engine = engine
-        self.card_writer = card_writer  # SQLite files: a synchronous engine for the issued cards (cards.py)
+        self.thread_writer = thread_writer  # SQLite files: a synchronous engine for the writer threads (cards, claims)
         self.dialect = engine.dialect.name
         self.engine_dialect = engine.dialect
         self.insert: Callable[[sa.Table], Any] = (pg_dialect.insert if self.dialect == "postgresql"
@@ -96,7 +96,7 @@ class Database:
             STORE_ERRORS.labels(operation="open").inc()
             log.error("store open failed: %s", _describe(exc))
             raise StoreUnavailable(f"open: {_describe(exc)}") from exc
-        store = cls(engine, _create_card_writer(engine, busy_timeout_s=busy_timeout_s))
+        store = cls(engine, _create_thread_writer(engine, busy_timeout_s=busy_timeout_s))
         if migrate:
             try:
                 await store.migrate()
@@ -117,8 +117,8 @@ class Database:
             return await migrations.current_version(self._engine)
 
     async def close(self) -> None:
-        if self.card_writer is not None:
-            self.card_writer.dispose()
+        if self.thread_writer is not None:
+            self.thread_writer.dispose()
         await self._engine.dispose()
 
     async def __aenter__(self) -> Self:
@@ -243,13 +243,14 @@ def _create_engine(url: str, *, busy_timeout_s: float, connect_timeout_s: float)
     raise ValueError(f"unsupported database URL scheme {parsed.drivername!r} (use sqlite or postgresql)")
 
 
-def _create_card_writer(engine: AsyncEngine, *, busy_timeout_s: float) -> sa.Engine | None:
-    """For a SQLite file, a synchronous engine on the same file for the issued-cards INSERTs (see cards.py);
-    None for PostgreSQL (asyncpg needs no thread) and in-memory SQLite (one connection only)."""
+def _create_thread_writer(engine: AsyncEngine, *, busy_timeout_s: float) -> sa.Engine | None:
+    """For a SQLite file, a synchronous engine on the same file for the writer threads: the issued cards'
+    (cards.py) and the JWT replay claims' (replay.py), a connection each; None for PostgreSQL (asyncpg needs no
+    thread) and in-memory SQLite (one connection only)."""
     if engine.dialect.name != "sqlite" or isinstance(engine.pool, StaticPool):
         return None
     writer = sa.create_engine(engine.url.set(drivername="sqlite+pysqlite"), hide_parameters=True,
-                              pool_size=1, max_overflow=0,
+                              pool_size=2, max_overflow=0,
                               connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
     _configure_sqlite(writer, busy_timeout_ms=int(busy_timeout_s * 1000), wal=True)
     return writer

@@ -21,13 +21,14 @@ from .replay import ReplayCache
 class Store(Database):
     """Open with `await Store.open(url)`; safe to share across tasks; one per process (each has a pool)."""
 
-    def __init__(self, engine: AsyncEngine, card_writer: sa.Engine | None = None) -> None:
-        super().__init__(engine, card_writer)
+    def __init__(self, engine: AsyncEngine, thread_writer: sa.Engine | None = None) -> None:
+        super().__init__(engine, thread_writer)
         self._cards = card_sink(self)
         self._replay = ReplayCache(self)
 
     async def close(self) -> None:
         self._cards.close()  # a batch being written is finished first
+        self._replay.close()
         await super().close()
 
     async def record_cards(self, cards: Sequence[IssuedCard]) -> None:

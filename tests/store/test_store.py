@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -281,6 +282,26 @@ async def test_claims_during_an_outage_all_fail() -> None:
             await store.claim("iss|o0", time.time() + 300)
     finally:
         await store.close()
+
+
+@pytest.mark.anyio
+async def test_claims_while_a_sqlite_file_is_locked_all_fail(tmp_path: Path) -> None:
+    """In a SQLite file the claims are written on a thread of their own (replay.py): while another connection
+    holds the write lock past the busy timeout, every claim of the batch gets StoreUnavailable, and once the lock
+    is released the next claim is written."""
+    path = tmp_path / "cds.sqlite3"
+    async with await Store.open(f"sqlite+aiosqlite:///{path}", busy_timeout_s=0.2) as store:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # the write lock, held
+            outcomes = await asyncio.gather(*(store.claim(f"iss|l{i}", time.time() + 300) for i in range(20)),
+                                            return_exceptions=True)
+            assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        assert await store.claim("iss|l0", time.time() + 300) is True
+        assert await count_rows(store, jwt_replay) == 1
 
 
 # -------------------------------------------------------------------------- restart and abrupt termination
