@@ -12,8 +12,8 @@ Concurrency and durability:
   `BEGIN IMMEDIATE`, so writers from several processes queue for the write lock instead of failing, and a
   check-then-insert (unknown card uuids, replay claims) cannot be overtaken between its read and its write.
 - Every committed write is on disk when the call returns: a restart, or a killed process, loses nothing.
-- Issued cards and JWT replay claims in a SQLite file are each written by a thread of their own, on a connection
-  of their own (see `cards.py` for why).
+- In a SQLite file, issued cards are written by a thread of their own (see `cards.py` for why), and the small
+  write transactions (JWT replay claims, feedback) by another (`run_writing`), each on a connection of its own.
 
 Failures of the database itself raise `StoreUnavailable` (or `StoreError`), are counted in
 `cds_store_errors_total{operation=...}` and logged without SQL parameters, so no PHI reaches the logs; callers
@@ -25,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -42,6 +43,8 @@ from ..metrics import STORE_ERRORS
 from . import migrations
 
 log = logging.getLogger("cds.store")
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -68,7 +71,10 @@ class Database:
 
     def __init__(self, engine: AsyncEngine, thread_writer: sa.Engine | None = None) -> None:
         self._engine = engine
-        self.thread_writer = thread_writer  # SQLite files: a synchronous engine for the writer threads (cards, claims)
+        self.thread_writer = thread_writer  # SQLite files: a synchronous engine for the writer threads (cards.py and
+        # run_writing's), a connection each
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="cds-store-writes") \
+            if thread_writer is not None else None  # its thread starts on the first write
         self.dialect = engine.dialect.name
         self.engine_dialect = engine.dialect
         self.insert: Callable[[sa.Table], Any] = (pg_dialect.insert if self.dialect == "postgresql"
@@ -117,6 +123,8 @@ class Database:
             return await migrations.current_version(self._engine)
 
     async def close(self) -> None:
+        if self._write_thread is not None:
+            self._write_thread.shutdown(wait=True)  # a transaction under way is finished first
         if self.thread_writer is not None:
             self.thread_writer.dispose()
         await self._engine.dispose()
@@ -168,6 +176,28 @@ class Database:
             await self.ensure_schema()
             async with self._engine.begin() as conn:
                 yield conn
+
+    async def run_writing(self, operation: str, write: Callable[[sa.Connection], T]) -> T:
+        """`write(conn)` in a write transaction, guarded, with a synchronous connection; its result.
+
+        In a SQLite file on a thread of the store's own, on a connection of the thread writer. Through aiosqlite a
+        transaction is some nine round trips between the event loop and aiosqlite's thread, each a wake-up of
+        both: a batch of replay claims cost the event loop 1.9-3.4 ms of CPU and a feedback call 3.4-3.7 ms; on the
+        thread 0.2-0.6 ms and 0.2 ms (bench/README.md, "Measurements behind the code"). Elsewhere (PostgreSQL
+        through asyncpg, in-memory SQLite) on the async engine, through `run_sync`. `write` builds its statements
+        itself, so that that work too is done on the thread.
+        """
+        if self._write_thread is None:
+            async with self.writing(operation) as conn:
+                return await conn.run_sync(write)
+        async with self.guard(operation):
+            await self.ensure_schema()
+            return await asyncio.get_running_loop().run_in_executor(self._write_thread, self._write_sync, write)
+
+    def _write_sync(self, write: Callable[[sa.Connection], T]) -> T:
+        assert self.thread_writer is not None
+        with self.thread_writer.begin() as conn:  # BEGIN IMMEDIATE; committed when `write` returns
+            return write(conn)
 
     @asynccontextmanager
     async def reading(self, operation: str) -> AsyncIterator[AsyncConnection]:
@@ -245,8 +275,8 @@ def _create_engine(url: str, *, busy_timeout_s: float, connect_timeout_s: float)
 
 def _create_thread_writer(engine: AsyncEngine, *, busy_timeout_s: float) -> sa.Engine | None:
     """For a SQLite file, a synchronous engine on the same file for the writer threads: the issued cards'
-    (cards.py) and the JWT replay claims' (replay.py), a connection each; None for PostgreSQL (asyncpg needs no
-    thread) and in-memory SQLite (one connection only)."""
+    (cards.py) and `Database.run_writing`'s, a connection each; None for PostgreSQL (asyncpg needs no thread) and
+    in-memory SQLite (one connection only)."""
     if engine.dialect.name != "sqlite" or isinstance(engine.pool, StaticPool):
         return None
     writer = sa.create_engine(engine.url.set(drivername="sqlite+pysqlite"), hide_parameters=True,

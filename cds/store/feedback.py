@@ -16,7 +16,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .engine import Database, UnknownCard
 from .tables import answered_cards, feedback, issued_cards, suppressed_cards, utc
@@ -68,23 +67,25 @@ async def record_feedback(db: Database, entries: Sequence[FeedbackEntry]) -> int
             "override_reason_code": e.override_reason_code, "user_comment": e.user_comment,
             "outcome_timestamp": utc(e.outcome_timestamp), "dedup_key": key, "received_at": received_at,
         })
-    stmt = (db.insert(feedback).on_conflict_do_nothing(index_elements=[feedback.c.dedup_key])
-            .returning(feedback.c.id))
-    async with db.writing("record_feedback") as conn:
-        known = await _existing_cards(conn, {e.card_uuid for e in entries})
+
+    def write(conn: sa.Connection) -> int:  # the statements too are built off the event loop
+        known = _existing_cards(conn, {e.card_uuid for e in entries})
         for e in entries:
             if e.card_uuid not in known:
                 raise UnknownCard(e.card_uuid)
-        result = await conn.execute(stmt, list(rows.values()))
-        stored = len(result.all())
-        await _remember_answered(db, conn, {e.card_uuid for e in entries}, received_at)
+        stmt = (db.insert(feedback).on_conflict_do_nothing(index_elements=[feedback.c.dedup_key])
+                .returning(feedback.c.id))
+        stored = len(conn.execute(stmt, list(rows.values())).all())
+        _remember_answered(db, conn, {e.card_uuid for e in entries}, received_at)
         return stored
+
+    return await db.run_writing("record_feedback", write)
 
 
 async def known_cards(db: Database, uuids: Iterable[str]) -> set[str]:
     """Which of these uuids name a stored card that feedback may answer (a silent card was never shown)."""
     async with db.reading("known_cards") as conn:
-        return await _existing_cards(conn, uuids)
+        return await conn.run_sync(_existing_cards, uuids)
 
 
 async def answered_since(db: Database, since: datetime) -> list[tuple[str, datetime]]:
@@ -196,27 +197,27 @@ def _period(since: datetime | None, until: datetime | None, dialect: str) -> lis
     return out
 
 
-async def _existing_cards(conn: AsyncConnection, uuids: Iterable[str]) -> set[str]:
+def _existing_cards(conn: sa.Connection, uuids: Iterable[str]) -> set[str]:
     wanted = sorted(set(uuids))
     found: set[str] = set()
     for i in range(0, len(wanted), IN_CHUNK):
         chunk = wanted[i:i + IN_CHUNK]
-        result = await conn.execute(sa.select(issued_cards.c.uuid).where(  # a silent card was never shown
+        result = conn.execute(sa.select(issued_cards.c.uuid).where(  # a silent card was never shown
             issued_cards.c.uuid.in_(chunk), issued_cards.c.silent.is_(sa.false())))
         found.update(result.scalars())
     return found
 
 
-async def _remember_answered(db: Database, conn: AsyncConnection, uuids: set[str], at: datetime) -> None:
+def _remember_answered(db: Database, conn: sa.Connection, uuids: set[str], at: datetime) -> None:
     """The repeat keys of cards just answered are remembered from `at` (a later answer renews the memory)."""
     keys: set[str] = set()
     wanted = sorted(uuids)
     for i in range(0, len(wanted), IN_CHUNK):
-        result = await conn.execute(sa.select(issued_cards.c.repeat_key).where(
+        result = conn.execute(sa.select(issued_cards.c.repeat_key).where(
             issued_cards.c.uuid.in_(wanted[i:i + IN_CHUNK]), issued_cards.c.repeat_key.is_not(None)))
         keys.update(result.scalars())
     if keys:
         stmt = db.insert(answered_cards)
-        await conn.execute(stmt.on_conflict_do_update(index_elements=[answered_cards.c.repeat_key],
-                                                      set_={"answered_at": stmt.excluded.answered_at}),
-                           [{"repeat_key": k, "answered_at": at} for k in sorted(keys)])
+        conn.execute(stmt.on_conflict_do_update(index_elements=[answered_cards.c.repeat_key],
+                                                set_={"answered_at": stmt.excluded.answered_at}),
+                     [{"repeat_key": k, "answered_at": at} for k in sorted(keys)])

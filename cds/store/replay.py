@@ -6,17 +6,14 @@ production waited for its own commit, one after another, and a process answered 
 second under load, whatever the CPU (bench/README.md, "Measurements behind the code"). A claim still returns
 only once its row is committed.
 
-In a SQLite file the write runs on a thread of its own, on a synchronous connection of the store's thread writer
-(engine.py), like the issued cards (cards.py). Through aiosqlite a transaction is some nine round trips between
-the event loop and aiosqlite's thread, each a wake-up of both: a batch cost the event loop 2.5-3.4 ms of CPU, on
-a thread 0.3-0.6 ms (bench/README.md). PostgreSQL (asyncpg) and in-memory SQLite write on the async engine.
+The write is a `Database.run_writing` transaction: in a SQLite file on the store's write thread, not through
+aiosqlite (engine.py says why).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,8 +31,6 @@ class ReplayCache:
         self._last_purge = 0.0
         self._pending: dict[str, tuple[float, asyncio.Future[bool]]] = {}  # key -> (expires_at, its answer)
         self._writer: asyncio.Task[None] | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="cds-jti-claims") \
-            if db.thread_writer is not None else None  # its thread starts on the first claim
 
     async def claim(self, key: str, expires_at: float) -> bool:
         """Claim a token id until `expires_at` (Unix seconds): True the first time, False while it is claimed.
@@ -81,39 +76,17 @@ class ReplayCache:
         # In key order: two replicas writing overlapping batches take the rows' locks in the same order. A deadlock
         # would fail one batch, and its claims would fall back to that process's own memory.
         rows = [{"key": k, "expires_at": e} for k, (e, _) in sorted(batch.items())]
-        if self._thread is not None:
-            async with self._db.guard("claim_jti"):
-                await self._db.ensure_schema()
-                claimed = await asyncio.get_running_loop().run_in_executor(self._thread, self._insert_sync, rows,
-                                                                           now, purge)
-        else:
-            async with self._db.writing("claim_jti") as conn:
-                if purge:
-                    await conn.execute(self._purge(now))
-                claimed = {row[0] for row in await conn.execute(self._claim(rows, now))}
+
+        def write(conn: sa.Connection) -> set[str]:  # the statement too is built off the event loop
+            if purge:
+                conn.execute(sa.delete(jwt_replay).where(jwt_replay.c.expires_at <= now))
+            insert = self._db.insert(jwt_replay).values(rows)
+            return {row[0] for row in conn.execute(insert.on_conflict_do_update(
+                index_elements=[jwt_replay.c.key], set_={"expires_at": insert.excluded.expires_at},
+                where=jwt_replay.c.expires_at <= now,
+            ).returning(jwt_replay.c.key))}
+
+        claimed = await self._db.run_writing("claim_jti", write)
         if purge:
             self._last_purge = now
         return claimed
-
-    def _insert_sync(self, rows: list[dict[str, Any]], now: float, purge: bool) -> set[str]:
-        assert self._db.thread_writer is not None
-        with self._db.thread_writer.begin() as conn:  # BEGIN IMMEDIATE, one commit for the batch
-            if purge:
-                conn.execute(self._purge(now))
-            return {row[0] for row in conn.execute(self._claim(rows, now))}
-
-    def _claim(self, rows: list[dict[str, Any]], now: float) -> Any:
-        insert = self._db.insert(jwt_replay).values(rows)
-        return insert.on_conflict_do_update(
-            index_elements=[jwt_replay.c.key], set_={"expires_at": insert.excluded.expires_at},
-            where=jwt_replay.c.expires_at <= now,
-        ).returning(jwt_replay.c.key)
-
-    @staticmethod
-    def _purge(now: float) -> Any:
-        return sa.delete(jwt_replay).where(jwt_replay.c.expires_at <= now)
-
-    def close(self) -> None:
-        """Finish a batch being written, then stop the thread."""
-        if self._thread is not None:
-            self._thread.shutdown(wait=True)

@@ -28,7 +28,6 @@ class Store(Database):
 
     async def close(self) -> None:
         self._cards.close()  # a batch being written is finished first
-        self._replay.close()
         await super().close()
 
     async def record_cards(self, cards: Sequence[IssuedCard]) -> None:

@@ -286,7 +286,7 @@ async def test_claims_during_an_outage_all_fail() -> None:
 
 @pytest.mark.anyio
 async def test_claims_while_a_sqlite_file_is_locked_all_fail(tmp_path: Path) -> None:
-    """In a SQLite file the claims are written on a thread of their own (replay.py): while another connection
+    """In a SQLite file the claims are written on the store's write thread (`run_writing`): while another connection
     holds the write lock past the busy timeout, every claim of the batch gets StoreUnavailable, and once the lock
     is released the next claim is written."""
     path = tmp_path / "cds.sqlite3"
