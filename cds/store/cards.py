@@ -56,7 +56,7 @@ class CardSink(Protocol):
 
 
 def card_sink(db: Database) -> CardSink:
-    return ThreadCardSink(db, db.thread_writer) if db.thread_writer is not None else AsyncCardSink(db)
+    return ThreadCardSink(db, db.thread_engine) if db.thread_engine is not None else AsyncCardSink(db)
 
 
 class _CardInsert:

@@ -12,8 +12,9 @@ Concurrency and durability:
   `BEGIN IMMEDIATE`, so writers from several processes queue for the write lock instead of failing, and a
   check-then-insert (unknown card uuids, replay claims) cannot be overtaken between its read and its write.
 - Every committed write is on disk when the call returns: a restart, or a killed process, loses nothing.
-- In a SQLite file, issued cards are written by a thread of their own (see `cards.py` for why), and the small
-  write transactions (JWT replay claims, feedback) by another (`run_writing`), each on a connection of its own.
+- In a SQLite file, issued cards are written by a thread of their own (see `cards.py` for why), the small write
+  transactions (JWT replay claims, feedback) by another (`run_writing`) and the reads by a third (`run_reading`),
+  each on a connection of its own.
 
 Failures of the database itself raise `StoreUnavailable` (or `StoreError`), are counted in
 `cds_store_errors_total{operation=...}` and logged without SQL parameters, so no PHI reaches the logs; callers
@@ -69,12 +70,14 @@ class UnknownCard(LookupError):
 class Database:
     """The engine and its transactions; `Store` (store.py) adds what is stored. One per process (it has a pool)."""
 
-    def __init__(self, engine: AsyncEngine, thread_writer: sa.Engine | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, thread_engine: sa.Engine | None = None) -> None:
         self._engine = engine
-        self.thread_writer = thread_writer  # SQLite files: a synchronous engine for the writer threads (cards.py and
-        # run_writing's), a connection each
+        self.thread_engine = thread_engine  # SQLite files: a synchronous engine for the store's threads (cards.py's,
+        # run_writing's and run_reading's), a connection each
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="cds-store-writes") \
-            if thread_writer is not None else None  # its thread starts on the first write
+            if thread_engine is not None else None  # its thread starts on the first write
+        self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="cds-store-reads") \
+            if thread_engine is not None else None  # a WAL reader never waits for a writer: a thread of its own
         self.dialect = engine.dialect.name
         self.engine_dialect = engine.dialect
         self.insert: Callable[[sa.Table], Any] = (pg_dialect.insert if self.dialect == "postgresql"
@@ -102,7 +105,7 @@ class Database:
             STORE_ERRORS.labels(operation="open").inc()
             log.error("store open failed: %s", _describe(exc))
             raise StoreUnavailable(f"open: {_describe(exc)}") from exc
-        store = cls(engine, _create_thread_writer(engine, busy_timeout_s=busy_timeout_s))
+        store = cls(engine, _create_thread_engine(engine, busy_timeout_s=busy_timeout_s))
         if migrate:
             try:
                 await store.migrate()
@@ -123,10 +126,11 @@ class Database:
             return await migrations.current_version(self._engine)
 
     async def close(self) -> None:
-        if self._write_thread is not None:
-            self._write_thread.shutdown(wait=True)  # a transaction under way is finished first
-        if self.thread_writer is not None:
-            self.thread_writer.dispose()
+        for thread in (self._write_thread, self._read_thread):
+            if thread is not None:
+                thread.shutdown(wait=True)  # a transaction under way is finished first
+        if self.thread_engine is not None:
+            self.thread_engine.dispose()
         await self._engine.dispose()
 
     async def __aenter__(self) -> Self:
@@ -180,7 +184,7 @@ class Database:
     async def run_writing(self, operation: str, write: Callable[[sa.Connection], T]) -> T:
         """`write(conn)` in a write transaction, guarded, with a synchronous connection; its result.
 
-        In a SQLite file on a thread of the store's own, on a connection of the thread writer. Through aiosqlite a
+        In a SQLite file on a thread of the store's own, on a connection of its thread engine. Through aiosqlite a
         transaction is some nine round trips between the event loop and aiosqlite's thread, each a wake-up of
         both: a batch of replay claims cost the event loop 1.9-3.4 ms of CPU and a feedback call 3.4-3.7 ms; on the
         thread 0.2-0.6 ms and 0.2 ms (bench/README.md, "Measurements behind the code"). Elsewhere (PostgreSQL
@@ -195,22 +199,34 @@ class Database:
             return await asyncio.get_running_loop().run_in_executor(self._write_thread, self._write_sync, write)
 
     def _write_sync(self, write: Callable[[sa.Connection], T]) -> T:
-        assert self.thread_writer is not None
-        with self.thread_writer.begin() as conn:  # BEGIN IMMEDIATE; committed when `write` returns
+        assert self.thread_engine is not None
+        with self.thread_engine.begin() as conn:  # BEGIN IMMEDIATE; committed when `write` returns
             return write(conn)
 
-    @asynccontextmanager
-    async def reading(self, operation: str) -> AsyncIterator[AsyncConnection]:
-        """A read transaction on one snapshot for all its queries, guarded."""
+    async def run_reading(self, operation: str, read: Callable[[sa.Connection], T]) -> T:
+        """`read(conn)` in a read transaction on one snapshot for all its queries, guarded, with a synchronous
+        connection; its result. In a SQLite file on a thread of the store's own (see `run_writing`), elsewhere
+        through `run_sync` on the async engine (PostgreSQL: REPEATABLE READ)."""
+        if self._read_thread is None:
+            async with self.guard(operation):
+                await self.ensure_schema()
+                async with self._engine.connect() as conn:
+                    if self.dialect == "postgresql":
+                        await conn.execution_options(isolation_level="REPEATABLE READ")
+                    else:
+                        await conn.execution_options(cds_sqlite_begin="DEFERRED")
+                    async with conn.begin():
+                        return await conn.run_sync(read)
         async with self.guard(operation):
             await self.ensure_schema()
-            async with self._engine.connect() as conn:
-                if self.dialect == "postgresql":
-                    await conn.execution_options(isolation_level="REPEATABLE READ")
-                else:
-                    await conn.execution_options(cds_sqlite_begin="DEFERRED")  # a WAL snapshot, no write lock
-                async with conn.begin():
-                    yield conn
+            return await asyncio.get_running_loop().run_in_executor(self._read_thread, self._read_sync, read)
+
+    def _read_sync(self, read: Callable[[sa.Connection], T]) -> T:
+        assert self.thread_engine is not None
+        with self.thread_engine.connect() as conn:
+            conn = conn.execution_options(cds_sqlite_begin="DEFERRED")  # a WAL snapshot, no write lock
+            with conn.begin():
+                return read(conn)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -273,14 +289,14 @@ def _create_engine(url: str, *, busy_timeout_s: float, connect_timeout_s: float)
     raise ValueError(f"unsupported database URL scheme {parsed.drivername!r} (use sqlite or postgresql)")
 
 
-def _create_thread_writer(engine: AsyncEngine, *, busy_timeout_s: float) -> sa.Engine | None:
-    """For a SQLite file, a synchronous engine on the same file for the writer threads: the issued cards'
-    (cards.py) and `Database.run_writing`'s, a connection each; None for PostgreSQL (asyncpg needs no thread) and
-    in-memory SQLite (one connection only)."""
+def _create_thread_engine(engine: AsyncEngine, *, busy_timeout_s: float) -> sa.Engine | None:
+    """For a SQLite file, a synchronous engine on the same file for the store's threads: the issued cards'
+    (cards.py), `Database.run_writing`'s and `Database.run_reading`'s, a connection each; None for PostgreSQL
+    (asyncpg needs no thread) and in-memory SQLite (one connection only)."""
     if engine.dialect.name != "sqlite" or isinstance(engine.pool, StaticPool):
         return None
     writer = sa.create_engine(engine.url.set(drivername="sqlite+pysqlite"), hide_parameters=True,
-                              pool_size=2, max_overflow=0,
+                              pool_size=3, max_overflow=0,
                               connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
     _configure_sqlite(writer, busy_timeout_ms=int(busy_timeout_s * 1000), wal=True)
     return writer

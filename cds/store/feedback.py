@@ -84,16 +84,18 @@ async def record_feedback(db: Database, entries: Sequence[FeedbackEntry]) -> int
 
 async def known_cards(db: Database, uuids: Iterable[str]) -> set[str]:
     """Which of these uuids name a stored card that feedback may answer (a silent card was never shown)."""
-    async with db.reading("known_cards") as conn:
-        return await conn.run_sync(_existing_cards, uuids)
+    wanted = set(uuids)
+    return await db.run_reading("known_cards", lambda conn: _existing_cards(conn, wanted))
 
 
 async def answered_since(db: Database, since: datetime) -> list[tuple[str, datetime]]:
     """Repeat keys of cards answered with feedback at or after `since`, with when (the latest answer)."""
-    async with db.reading("answered") as conn:
-        result = await conn.execute(sa.select(answered_cards.c.repeat_key, answered_cards.c.answered_at)
-                                    .where(answered_cards.c.answered_at >= since))
+    def read(conn: sa.Connection) -> list[tuple[str, datetime]]:
+        result = conn.execute(sa.select(answered_cards.c.repeat_key, answered_cards.c.answered_at)
+                              .where(answered_cards.c.answered_at >= since))
         return [(key, at) for key, at in result.all()]
+
+    return await db.run_reading("answered", read)
 
 
 async def record_suppressed(db: Database, rows: Sequence[tuple[str, int, str]], at: datetime) -> None:
@@ -112,21 +114,25 @@ async def summary(db: Database, since: datetime | None = None, until: datetime |
     c, f = issued_cards, feedback
     joined = f.join(c, f.c.card_uuid == c.c.uuid)
     period = _period(since, until, db.dialect)
-    async with db.reading("summary") as conn:
-        issued = (await conn.execute(
+
+    def read(conn: sa.Connection) -> tuple[Any, ...]:
+        issued = conn.execute(
             sa.select(c.c.rule_id, c.c.rule_version, c.c.silent, sa.func.count()).where(*period)
-            .group_by(c.c.rule_id, c.c.rule_version, c.c.silent))).all()
-        outcomes = (await conn.execute(
+            .group_by(c.c.rule_id, c.c.rule_version, c.c.silent)).all()
+        outcomes = conn.execute(
             sa.select(c.c.rule_id, c.c.rule_version, f.c.outcome, sa.func.count()).select_from(joined)
-            .where(*period).group_by(c.c.rule_id, c.c.rule_version, f.c.outcome))).all()
-        reasons = (await conn.execute(
+            .where(*period).group_by(c.c.rule_id, c.c.rule_version, f.c.outcome)).all()
+        reasons = conn.execute(
             sa.select(c.c.rule_id, c.c.rule_version, f.c.override_reason_code, sa.func.count())
             .select_from(joined)
             .where(f.c.outcome == "overridden", f.c.override_reason_code.is_not(None), *period)
-            .group_by(c.c.rule_id, c.c.rule_version, f.c.override_reason_code))).all()
-        suppressed = (await conn.execute(
+            .group_by(c.c.rule_id, c.c.rule_version, f.c.override_reason_code)).all()
+        suppressed = conn.execute(
             sa.select(suppressed_cards.c.rule_id, suppressed_cards.c.rule_version, sa.func.count())
-            .group_by(suppressed_cards.c.rule_id, suppressed_cards.c.rule_version))).all()
+            .group_by(suppressed_cards.c.rule_id, suppressed_cards.c.rule_version)).all()
+        return issued, outcomes, reasons, suppressed
+
+    issued, outcomes, reasons, suppressed = await db.run_reading("summary", read)
 
     rules: dict[tuple[str, int], dict[str, Any]] = {}
 
@@ -155,12 +161,16 @@ async def weekly(db: Database, since: datetime | None = None, until: datetime | 
     else:
         day = sa.func.date(c.c.issued_at)  # stored as UTC text
     where = [*_period(since, until, db.dialect)] + ([c.c.rule_id == rule] if rule else [])
-    async with db.reading("summary") as conn:
-        issued = (await conn.execute(
-            sa.select(day, c.c.silent, sa.func.count()).where(*where).group_by(day, c.c.silent))).all()
-        outcomes = (await conn.execute(
+
+    def read(conn: sa.Connection) -> tuple[Any, Any]:
+        issued = conn.execute(
+            sa.select(day, c.c.silent, sa.func.count()).where(*where).group_by(day, c.c.silent)).all()
+        outcomes = conn.execute(
             sa.select(day, f.c.outcome, sa.func.count()).select_from(f.join(c, f.c.card_uuid == c.c.uuid))
-            .where(*where).group_by(day, f.c.outcome))).all()
+            .where(*where).group_by(day, f.c.outcome)).all()
+        return issued, outcomes
+
+    issued, outcomes = await db.run_reading("summary", read)
     weeks: dict[date, dict[str, Any]] = {}
 
     def week(value: Any) -> dict[str, Any]:

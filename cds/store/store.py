@@ -21,8 +21,8 @@ from .replay import ReplayCache
 class Store(Database):
     """Open with `await Store.open(url)`; safe to share across tasks; one per process (each has a pool)."""
 
-    def __init__(self, engine: AsyncEngine, thread_writer: sa.Engine | None = None) -> None:
-        super().__init__(engine, thread_writer)
+    def __init__(self, engine: AsyncEngine, thread_engine: sa.Engine | None = None) -> None:
+        super().__init__(engine, thread_engine)
         self._cards = card_sink(self)
         self._replay = ReplayCache(self)
 
