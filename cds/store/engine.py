@@ -12,9 +12,9 @@ Concurrency and durability:
   `BEGIN IMMEDIATE`, so writers from several processes queue for the write lock instead of failing, and a
   check-then-insert (unknown card uuids, replay claims) cannot be overtaken between its read and its write.
 - Every committed write is on disk when the call returns: a restart, or a killed process, loses nothing.
-- In a SQLite file, issued cards are written by a thread of their own (see `cards.py` for why), the small write
-  transactions (JWT replay claims, feedback) by another (`run_writing`) and the reads by a third (`run_reading`),
-  each on a connection of its own.
+- In a SQLite file, issued cards are written by a thread of their own (see `cards.py` for why), the other write
+  transactions (JWT replay claims, feedback, suppressed-card counts, retention's deletes) by another
+  (`run_writing`) and the reads by a third (`run_reading`), each on a connection of its own.
 
 Failures of the database itself raise `StoreUnavailable` (or `StoreError`), are counted in
 `cds_store_errors_total{operation=...}` and logged without SQL parameters, so no PHI reaches the logs; callers

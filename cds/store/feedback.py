@@ -101,9 +101,8 @@ async def answered_since(db: Database, since: datetime) -> list[tuple[str, datet
 async def record_suppressed(db: Database, rows: Sequence[tuple[str, int, str]], at: datetime) -> None:
     """Count cards not shown again because they were answered: (rule id, rule version, hook) each."""
     if rows:
-        async with db.writing("record_suppressed") as conn:
-            await conn.execute(sa.insert(suppressed_cards), [
-                {"rule_id": r, "rule_version": int(v), "hook": h, "suppressed_at": at} for r, v, h in rows])
+        values = [{"rule_id": r, "rule_version": int(v), "hook": h, "suppressed_at": at} for r, v, h in rows]
+        await db.run_writing("record_suppressed", lambda conn: conn.execute(sa.insert(suppressed_cards), values))
 
 
 # ----------------------------------------------------------------------------------------------------- reads

@@ -25,17 +25,20 @@ async def prune(db: Database, before: datetime, *, batch: int = IN_CHUNK, pause_
     A batch of `batch` cards per short transaction, with a pause between batches, so the hooks' own writes (and
     on SQLite the single write lock) are never held up for long.
     """
+    def delete_batch(conn: sa.Connection) -> int:
+        uuids = list(conn.execute(
+            sa.select(issued_cards.c.uuid).where(issued_cards.c.issued_at < utc(before))
+            .order_by(issued_cards.c.issued_at).limit(batch)).scalars())
+        if uuids:
+            conn.execute(sa.delete(feedback).where(feedback.c.card_uuid.in_(uuids)))
+            conn.execute(sa.delete(issued_cards).where(issued_cards.c.uuid.in_(uuids)))
+        return len(uuids)
+
     total = 0
     while True:
-        async with db.writing("prune") as conn:
-            uuids = list((await conn.execute(
-                sa.select(issued_cards.c.uuid).where(issued_cards.c.issued_at < utc(before))
-                .order_by(issued_cards.c.issued_at).limit(batch))).scalars())
-            if uuids:
-                await conn.execute(sa.delete(feedback).where(feedback.c.card_uuid.in_(uuids)))
-                await conn.execute(sa.delete(issued_cards).where(issued_cards.c.uuid.in_(uuids)))
-        total += len(uuids)
-        if len(uuids) < batch:
+        deleted = await db.run_writing("prune", delete_batch)
+        total += deleted
+        if deleted < batch:
             return total
         await asyncio.sleep(pause_s)
 
