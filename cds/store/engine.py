@@ -194,9 +194,7 @@ class Database:
         if self._write_thread is None:
             async with self.writing(operation) as conn:
                 return await conn.run_sync(write)
-        async with self.guard(operation):
-            await self.ensure_schema()
-            return await asyncio.get_running_loop().run_in_executor(self._write_thread, self._write_sync, write)
+        return await self._on_thread(operation, self._write_thread, self._write_sync, write)
 
     def _write_sync(self, write: Callable[[sa.Connection], T]) -> T:
         assert self.thread_engine is not None
@@ -217,9 +215,14 @@ class Database:
                         await conn.execution_options(cds_sqlite_begin="DEFERRED")
                     async with conn.begin():
                         return await conn.run_sync(read)
+        return await self._on_thread(operation, self._read_thread, self._read_sync, read)
+
+    async def _on_thread(self, operation: str, thread: ThreadPoolExecutor,
+                         transaction: Callable[[Callable[[sa.Connection], T]], T],
+                         work: Callable[[sa.Connection], T]) -> T:
         async with self.guard(operation):
             await self.ensure_schema()
-            return await asyncio.get_running_loop().run_in_executor(self._read_thread, self._read_sync, read)
+            return await asyncio.get_running_loop().run_in_executor(thread, transaction, work)
 
     def _read_sync(self, read: Callable[[sa.Connection], T]) -> T:
         assert self.thread_engine is not None
