@@ -102,7 +102,11 @@ async def record_suppressed(db: Database, rows: Sequence[tuple[str, int, str]], 
     """Count cards not shown again because they were answered: (rule id, rule version, hook) each."""
     if rows:
         values = [{"rule_id": r, "rule_version": int(v), "hook": h, "suppressed_at": at} for r, v, h in rows]
-        await db.run_writing("record_suppressed", lambda conn: conn.execute(sa.insert(suppressed_cards), values))
+
+        def write(conn: sa.Connection) -> None:
+            conn.execute(sa.insert(suppressed_cards), values)
+
+        await db.run_writing("record_suppressed", write)
 
 
 # ----------------------------------------------------------------------------------------------------- reads

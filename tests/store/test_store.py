@@ -304,6 +304,24 @@ async def test_claims_while_a_sqlite_file_is_locked_all_fail(tmp_path: Path) -> 
         assert await count_rows(store, jwt_replay) == 1
 
 
+@pytest.mark.anyio
+async def test_reads_do_not_wait_for_a_sqlite_write_lock(tmp_path: Path) -> None:
+    """Reads run on the store's read thread in a WAL snapshot (`run_reading`, BEGIN DEFERRED): while another
+    connection holds the write lock past the busy timeout, the answered-card refresh and the summary still answer."""
+    path = tmp_path / "cds.sqlite3"
+    async with await Store.open(f"sqlite+aiosqlite:///{path}", busy_timeout_s=0.2) as store:
+        await store.record_cards([card("c1", repeat_key="rk-1")])
+        await store.record_feedback([accepted("c1")])
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            answered = await store.answered_since(datetime.now(UTC) - timedelta(hours=1))
+            assert [key for key, _ in answered] == ["rk-1"]
+            assert (await store.summary())["rules"][0]["accepted"] == 1
+        finally:
+            other.close()
+
+
 # -------------------------------------------------------------------------- restart and abrupt termination
 
 @pytest.mark.anyio
