@@ -77,6 +77,10 @@ def workload(name: str, wl: dict[str, Any]) -> None:
     say(f"  {what}; body {wl['body_bytes'] / 1024:,.1f} KiB; service answered {probe.get('status')} with cards "
           f"{', '.join(probe.get('cards') or []) or '(none)'} in {_fmt(probe.get('ms'), 1)} ms (first call)")
     _table(wl["load"], "under load")
+    backlog = wl["load"].get("service", {}).get("audit_backlog_max")
+    if backlog is not None:
+        say(f"  audit store: at most {backlog:,} issued cards waiting to be written as a service slice ended "
+            "(a few writer intervals' worth when it keeps up)")
     if "serial" in wl:
         _table(wl["serial"], "one request at a time")
     if "fetch" in wl:

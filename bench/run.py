@@ -94,6 +94,7 @@ async def alternate(sides: dict[str, list[servers.Server]], body: bytes, concurr
     totals = {side: loadgen.Result() for side in sides}
     per_process = {side: [loadgen.Result() for _ in procs] for side, procs in sides.items()}
     rounds = max(slices, 1)
+    backlogs: list[int] = []  # the service's cards not yet in its audit store, as each of its slices ends
     for i in range(rounds):
         for side, procs in sides.items():
             server = procs[i % len(procs)]
@@ -101,13 +102,31 @@ async def alternate(sides: dict[str, list[servers.Server]], body: bytes, concurr
                                      cpu=server.cpu_seconds, next_request=makers.get(server.port))
             totals[side].add(part)
             per_process[side][i % len(procs)].add(part)
+            if side == "service" and (backlog := await audit_backlog(server)) is not None:
+                backlogs.append(backlog)
     out: dict[str, dict[str, Any]] = {}
     for side, result in totals.items():
         out[side] = result.summary()
         out[side]["processes_rps"] = [r.summary()["rps"] for r in per_process[side] if r.elapsed]
         if result.first_error:
             out[side]["first_error"] = result.first_error
+    if backlogs:
+        out["service"]["audit_backlog_max"] = max(backlogs)
     return out
+
+
+async def audit_backlog(server: servers.Server) -> int | None:
+    """The service's `cds_audit_backlog{kind="cards"}`: issued cards waiting for its audit store. Read as a slice
+    ends, it shows whether the store keeps up with the load (a few writer intervals' worth) or falls behind."""
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(f"{server.base_url}/metrics")).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith('cds_audit_backlog{kind="cards"}'):
+            return int(float(line.split()[-1]))
+    return None
 
 
 def ratios(load: dict[str, dict[str, Any]]) -> dict[str, float | None]:
