@@ -1,14 +1,20 @@
 """Issued cards: what is recorded of each card, and the one sink every card goes through.
 
-The sink writes a batch with one `INSERT .. ON CONFLICT (uuid) DO NOTHING` executed over all its rows through
-the driver's `executemany`, in one transaction: a card uuid recorded again is ignored (see `_CardInsert`).
+The sink writes a batch in one transaction with one `INSERT .. ON CONFLICT (uuid) DO NOTHING`: a card uuid
+recorded again is ignored (see `_CardInsert`). On PostgreSQL the statement runs over the batch's rows through the
+driver's `executemany`. On SQLite the whole batch is one parameter, a JSON array of rows, which the statement reads
+with `json_each`: one step of SQLite for the batch. Through `executemany`, sqlite3 let go of the GIL for each row's
+step and then waited to get it back, up to the interpreter's 5 ms switch interval while the event loop held it:
+under sustained load a batch took seconds, the cards waiting grew without bound towards the drop limit
+(`audit_max_pending`), and a crash lost them all. Now a batch waits for the GIL a few times (begin, insert,
+commit), and the cards waiting stay a few writer intervals' worth (bench/README.md, "Measurements behind the
+code"). A SQLite built without its JSON functions (before 3.38 they were a build option) gets `executemany`.
 Two implementations of `CardSink`, chosen by `card_sink()`:
 
 - `ThreadCardSink` (a SQLite file): a thread of its own, on a connection of its own. Under load the event loop
   holds the GIL nearly all the time, and a thread waits for it each time it comes back from SQLite: through
   aiosqlite a batch came back a dozen times or more, and the waiting thread's wake-ups cost the event loop futex
-  calls on every request (bench/README.md, "Measurements behind the code"). Here a batch is one call into
-  sqlite3's `executemany` (a loop in C).
+  calls on every request (bench/README.md, "Measurements behind the code").
 - `AsyncCardSink` (PostgreSQL through asyncpg, whose `executemany` pipelines the rows; in-memory SQLite, which has
   a single connection): a write transaction on the store's async engine.
 
@@ -18,9 +24,12 @@ Either way the cards come from the audit writer (writer.py), off the hook's requ
 from __future__ import annotations
 
 import asyncio
+import functools
 import operator
+import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -60,29 +69,47 @@ def card_sink(db: Database) -> CardSink:
 
 
 class _CardInsert:
-    """The sink's statement: `INSERT INTO issued_cards (...) VALUES (...) ON CONFLICT (uuid) DO NOTHING`, built
-    and compiled by SQLAlchemy once, executed unchanged through the driver's `executemany` over tuples in the
-    compiled parameter order. Each value goes through its column type's bind processor (the same functions
-    SQLAlchemy's own `execute(insert, rows)` calls per row), `issued_at` once per distinct time: the cards of a
-    hook call share theirs. Against `conn.execute(insert, rows)` this saves SQLAlchemy's per-row parameter
-    handling: on SQLite, GIL time the writer thread takes from the event loop (bench/store_cards.py; bench/README.md,
-    "Measurements behind the code")."""
+    """The sink's statement and its parameters, built and compiled by SQLAlchemy once.
+
+    Rows are tuples in the order of `columns`; each value goes through its column type's bind processor (the same
+    functions SQLAlchemy's own `execute(insert, rows)` calls per row), `issued_at` once per distinct time: the
+    cards of a hook call share theirs. Against `conn.execute(insert, rows)` this saves SQLAlchemy's per-row
+    parameter handling, event-loop time (bench/store_cards.py; bench/README.md, "Measurements behind the code").
+
+    - `json_rows` (SQLite with its JSON functions): `INSERT INTO issued_cards (...) SELECT json_extract(value,
+      '$[0]'), ... FROM json_each(?) WHERE 1 = 1 ON CONFLICT (uuid) DO NOTHING`, executed once with the rows as one
+      JSON text. `json_extract` gives each value back with the type it was bound with (text, integer, null), so
+      the stored rows are those `executemany` stores (tests/store/test_store.py checks both ways).
+    - otherwise: `INSERT INTO issued_cards (...) VALUES (...) ON CONFLICT (uuid) DO NOTHING` through
+      `executemany`, over the list of rows.
+    """
 
     def __init__(self, db: Database) -> None:
         dialect = db.engine_dialect
-        insert = db.insert(issued_cards).on_conflict_do_nothing(index_elements=[issued_cards.c.uuid])
-        compiled = insert.compile(dialect=dialect, column_keys=[c.name for c in issued_cards.c])
+        self.columns = [c.name for c in issued_cards.c]
+        self.json_rows = dialect.name == "sqlite" and sqlite_json()
+        if self.json_rows:
+            each = sa.func.json_each(sa.bindparam("rows")).table_valued("value")
+            select = sa.select(*(sa.func.json_extract(each.c.value, sa.literal_column(f"'$[{i}]'"))
+                                 for i in range(len(self.columns))))
+            # The WHERE: an upsert after a SELECT needs one, or SQLite reads ON as a join's (its INSERT docs).
+            insert = db.insert(issued_cards).from_select(self.columns, select.where(sa.true()))
+            compiled = insert.on_conflict_do_nothing(index_elements=[issued_cards.c.uuid]).compile(dialect=dialect)
+            if list(compiled.positiontup or ()) != ["rows"]:
+                raise RuntimeError(f"the issued-cards INSERT binds {compiled.positiontup}, not the rows alone")
+        else:
+            insert = db.insert(issued_cards).on_conflict_do_nothing(index_elements=[issued_cards.c.uuid])
+            compiled = insert.compile(dialect=dialect, column_keys=self.columns)
+            if list(compiled.positiontup or ()) != self.columns:
+                raise RuntimeError(f"the issued-cards INSERT binds {compiled.positiontup}, not {self.columns}")
         self.sql = str(compiled)
-        self.columns = [str(name) for name in compiled.positiontup or ()]
-        if sorted(self.columns) != sorted(c.name for c in issued_cards.c):
-            raise RuntimeError(f"the issued-cards INSERT binds {self.columns}, not every column once")
         self._time = issued_cards.c.issued_at.type.dialect_impl(dialect).bind_processor(dialect) or _same
         self._processors = {c.name: p for c in issued_cards.c if c.name != "issued_at"
                             if (p := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None}
         self._in_order = operator.itemgetter(*self.columns)  # a row's values as the tuple the statement binds
 
     def rows(self, cards: Sequence[IssuedCard]) -> list[tuple[Any, ...]]:
-        """The parameters; a naive `issued_at` raises ValueError here, before anything is written."""
+        """The rows; a naive `issued_at` raises ValueError here, before anything is written."""
         times: dict[datetime, Any] = {}
         processors = self._processors
         out = []
@@ -99,6 +126,22 @@ class _CardInsert:
             out.append(self._in_order(row))
         return out
 
+    def parameters(self, cards: Sequence[IssuedCard]) -> tuple[str] | list[tuple[Any, ...]]:
+        """What `exec_driver_sql(self.sql, ...)` takes for these cards: the rows as one JSON text, or the rows."""
+        rows = self.rows(cards)
+        return (orjson.dumps(rows).decode(),) if self.json_rows else rows
+
+
+@functools.cache
+def sqlite_json() -> bool:
+    """Has the SQLite that sqlite3 links its JSON functions? (Built in since 3.38; a build option before.)"""
+    try:
+        with closing(sqlite3.connect(":memory:")) as conn:
+            row = conn.execute("SELECT json_extract(value, '$[0]') FROM json_each('[[7]]')").fetchone()
+    except sqlite3.Error:
+        return False
+    return bool(row == (7,))
+
 
 def _same(value: Any) -> Any:
     return value
@@ -112,9 +155,9 @@ class AsyncCardSink:
     async def write(self, cards: Sequence[IssuedCard]) -> None:
         if not cards:
             return
-        rows = self._insert.rows(cards)
+        parameters = self._insert.parameters(cards)
         async with self._db.writing("record_cards") as conn:
-            await conn.exec_driver_sql(self._insert.sql, rows)
+            await conn.exec_driver_sql(self._insert.sql, parameters)
 
     def close(self) -> None:
         pass
@@ -130,14 +173,14 @@ class ThreadCardSink:
     async def write(self, cards: Sequence[IssuedCard]) -> None:
         if not cards:
             return
-        rows = self._insert.rows(cards)
+        parameters = self._insert.parameters(cards)
         async with self._db.guard("record_cards"):
             await self._db.ensure_schema()
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._write, rows)
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._write, parameters)
 
-    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+    def _write(self, parameters: tuple[str] | list[tuple[Any, ...]]) -> None:
         with self._writer.begin() as conn:  # one transaction, one fsync, for the batch
-            conn.exec_driver_sql(self._insert.sql, rows)
+            conn.exec_driver_sql(self._insert.sql, parameters)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)  # a batch being written is finished first

@@ -38,6 +38,7 @@ from cds.store import (
     metadata,
     migrations,
 )
+from cds.store import cards as cards_module
 from cds.store.replay import MAX_BATCH
 
 import pg
@@ -142,10 +143,31 @@ async def all_cards(store: Store) -> list[Any]:
         return list((await conn.execute(sa.select(issued_cards).order_by(issued_cards.c.uuid))).mappings().all())
 
 
+@pytest.fixture(params=["json_each", "executemany"])
+def sqlite_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """On SQLite, the card sink's two ways: the batch as one JSON parameter, or (a SQLite without its JSON
+    functions) `executemany`. PostgreSQL always takes `executemany`."""
+    if request.param == "executemany":
+        monkeypatch.setattr(cards_module, "sqlite_json", lambda: False)
+    return str(request.param)
+
+
 @pytest.mark.anyio
-async def test_large_card_batch_is_stored_whole_and_exact(db_url: str) -> None:
-    """Over one INSERT's rows (1,000 on SQLite), a uuid twice in one batch: every row once, each value in place."""
+async def test_large_card_batch_is_stored_whole_and_exact(db_url: str, sqlite_way: str) -> None:
+    """Over one INSERT's rows (1,000 on SQLite), a uuid twice in one batch: every row once, each value in place,
+    as SQLAlchemy itself binds it, whichever way the sink writes. Through `json_each`, a batch is one statement:
+    one step of SQLite, so the sink's thread waits for the GIL a few times a batch, not once a row (cards.py)."""
+    if sqlite_way == "json_each" and db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL writes through executemany only")
+    inserts: list[tuple[bool, bool]] = []  # each card INSERT run on the sink's thread: (json_each, executemany)
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if statement.startswith("INSERT INTO issued_cards"):
+            inserts.append(("json_each(" in statement, executemany))
+
     async with await Store.open(db_url) as store:
+        if store.thread_engine is not None:  # a SQLite file: the sink's thread runs on this engine
+            sa.event.listen(store.thread_engine, "before_cursor_execute", seen)
         batch = [card(f"L{i:04d}", rule=f"rule-{i % 7}", version=1 + i % 4, indicator=("info", "warning")[i % 2],
                       hook_instance=f"hi-{i}", patient_pseudonym=None if i % 5 == 0 else f"ps-{i}",
                       issued_at=T0 + timedelta(seconds=i), suggestion_uuids=[f"L{i}-s"] * (i % 3),
@@ -173,6 +195,8 @@ async def test_large_card_batch_is_stored_whole_and_exact(db_url: str) -> None:
     if sqlite:  # stored as SQLAlchemy itself binds them, whatever way the sink writes
         assert kinds == {("text", "integer", p, "text", "text", k, "integer")
                          for p in ("text", "null") for k in ("text", "null")}
+        json_each = sqlite_way == "json_each"
+        assert inserts == [(json_each, not json_each)] * 2  # one statement for each of the two batches
 
 
 @pytest.mark.anyio
