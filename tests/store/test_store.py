@@ -169,7 +169,8 @@ async def test_large_card_batch_is_stored_whole_and_exact(db_url: str, sqlite_wa
         if store.thread_engine is not None:  # a SQLite file: the sink's thread runs on this engine
             sa.event.listen(store.thread_engine, "before_cursor_execute", seen)
         batch = [card(f"L{i:04d}", rule=f"rule-{i % 7}", version=1 + i % 4, indicator=("info", "warning")[i % 2],
-                      hook_instance=f"hi-{i}", patient_pseudonym=None if i % 5 == 0 else f"ps-{i}",
+                      hook_instance=f"hi-{i}" if i % 11 else f"hi-{i} «é» \"q\" \\ \n",  # JSON's escapes
+                      patient_pseudonym=None if i % 5 == 0 else f"ps-{i}",
                       issued_at=T0 + timedelta(seconds=i), suggestion_uuids=[f"L{i}-s"] * (i % 3),
                       repeat_key=None if i % 3 == 0 else f"rk-{i}", silent=i % 4 == 0)
                  for i in range(1201)]
