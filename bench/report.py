@@ -46,7 +46,9 @@ def _table(block: dict[str, Any], title: str) -> None:
     say(f"  {title} (concurrency {block.get('concurrency')})")
     say(ROW.format("", "req/s", "p50 ms", "p90 ms", "p99 ms", "CPU ms/req", "errors"))
     for name in ("service", "floor"):
-        s = block.get(name, {})
+        if name not in block:
+            continue
+        s = block[name]
         say(ROW.format(name, _fmt(s.get("rps")), _fmt(s.get("p50_ms"), 2), _fmt(s.get("p90_ms"), 2),
                          _fmt(s.get("p99_ms"), 2), _fmt(s.get("server_cpu_ms_per_request"), 2),
                          _fmt((s.get("errors") or 0) + (s.get("non_2xx") or 0), 0)))
@@ -54,10 +56,12 @@ def _table(block: dict[str, Any], title: str) -> None:
             say(f"    non-2xx answers: {s['non_2xx_statuses']} (e.g. 412 when the Patient was not fetched in time)")
         if s.get("first_error"):
             say(f"    first error: {s['first_error']}")
-    spread = {name: block.get(name, {}).get("processes_rps") or [] for name in ("service", "floor")}
+    spread = {name: block[name].get("processes_rps") or [] for name in ("service", "floor") if name in block}
     if any(len(rps) > 1 for rps in spread.values()):
         say("  each process (req/s): " + "; ".join(f"{name} {', '.join(_fmt(x) for x in rps)}"
                                                    for name, rps in spread.items()))
+    if "floor" not in block:
+        return
     r = block.get("ratio", {})
     say(f"  service/floor: throughput {_fmt(r.get('throughput'), 3)}, p50 {_fmt(r.get('p50'), 2)}x, "
           f"p99 {_fmt(r.get('p99'), 2)}x")
@@ -69,6 +73,13 @@ def workload(name: str, wl: dict[str, Any]) -> None:
         say(f"  not measured: {wl['error']}", flush=True)
         return
     probe = wl["probe"]["service"]
+    if name == "feedback":
+        say(f"  one `overridden` card a call (body {wl['body_bytes']:,} bytes), to three service processes of its "
+            f"own, each answered round {wl['cards_per_process']:,} cards it issued first; the first call answered "
+            f"{probe.get('status')}; no floor (it has no feedback endpoint)")
+        _table(wl["load"], "under load")
+        say(flush=True)
+        return
     what = f"{wl['resources']} resources" if name != "fetch" else f"prefetch absent, {wl['resources']} resources " \
                                                                   "fetched from the stub"
     if name == "jwt":
@@ -182,6 +193,11 @@ def markdown(results: dict[str, Any]) -> str:
         for mode in ("load", "serial"):
             block = wl.get(mode)
             if not block:
+                continue
+            if name == "feedback":  # the floor has no feedback endpoint
+                s = block["service"]
+                lines.append(f"| feedback (one card a call) | {block['concurrency']} | {_fmt(s['rps'])} | — | — | "
+                             f"{_fmt(s['p50_ms'])} / {_fmt(s['p99_ms'])} | — | — |")
                 continue
             s, f, r = block["service"], block["floor"], block["ratio"]
             if name == "fetch":  # the floor fetches nothing: its numbers say nothing about the fetch path

@@ -12,7 +12,8 @@ Prints a table per workload and a summary, writes `bench/results.json`, and exit
 when a server cannot start at all).
 
 Options (or BENCH_* environment variables): --duration 10 (seconds per endpoint per workload), --warmup 2,
---concurrency 16, --slices 6, --instances 3, --workloads typical,busy,synthea,fetch,jwt, --fhir-delay-ms 50,
+--concurrency 16, --slices 6, --instances 3, --workloads typical,busy,synthea,fetch,jwt,feedback,
+--fhir-delay-ms 50,
 --output PATH. Quick run: `python bench/run.py --duration 2 --warmup 0.5`.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -43,6 +45,8 @@ import workloads
 from report import say
 
 PATH = "/cds-services/mesotherapy-contraindications"
+FEEDBACK_PATH = f"{PATH}/feedback"
+FEEDBACK_CARDS_CALLS = 500  # hook calls to each feedback process first: its cards are what the feedback answers
 TOKEN = "bench-token-3f9a7c"  # the stub's bearer token, sent by the EHR in fhirAuthorization
 # the fetch workload's per-query delays, as shares of the slowest one: in series they would add up to 4x it
 DELAY_SHARES = {"patient": 0.2, "conditions": 1.0, "allergies": 0.6, "pregnancyStatus": 0.4,
@@ -57,7 +61,7 @@ def options() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=int(env("BENCH_CONCURRENCY", "16")))
     p.add_argument("--slices", type=int, default=int(env("BENCH_SLICES", "6")))
     p.add_argument("--instances", type=int, default=int(env("BENCH_INSTANCES", "3")))
-    p.add_argument("--workloads", default=env("BENCH_WORKLOADS", "typical,busy,synthea,fetch,jwt"))
+    p.add_argument("--workloads", default=env("BENCH_WORKLOADS", "typical,busy,synthea,fetch,jwt,feedback"))
     p.add_argument("--fhir-delay-ms", type=float, default=float(env("BENCH_FHIR_DELAY_MS", "50")))
     p.add_argument("--output", type=Path, default=Path(env("BENCH_OUTPUT", str(servers.BENCH / "results.json"))))
     return p.parse_args()
@@ -219,8 +223,8 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             if name == "fetch" and stub is not None:
                 n = workloads.SIZES["typical"]
                 body = orjson.dumps(workloads.hook_request(None, fhir_server=f"{stub.base_url}/fhir", token=TOKEN))
-            elif name in workloads.SIZES or name == "jwt":
-                n = workloads.SIZES["typical" if name == "jwt" else name]
+            elif name in workloads.SIZES or name in ("jwt", "feedback"):
+                n = workloads.SIZES[name if name in workloads.SIZES else "typical"]
                 body = orjson.dumps(workloads.hook_request(workloads.record(n)))
             else:
                 say(f"unknown workload {name!r}: skipped", flush=True)
@@ -228,6 +232,8 @@ async def main_async(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             try:
                 if name == "jwt":
                     wl = await bench_jwt(body, n, sides["floor"], args, log_dir)
+                elif name == "feedback":
+                    wl = await bench_feedback(body, n, args, log_dir)
                 else:
                     wl = await bench_workload(name, body, n, sides, args, stub if name == "fetch" else None)
             except Exception as exc:  # noqa: BLE001 - report and go on: the benchmark never fails on numbers
@@ -258,6 +264,65 @@ async def bench_jwt(body: bytes, n: int, floors: list[servers.Server], args: arg
         for server in procs:
             server.stop()
         ehr.close()
+
+
+async def bench_feedback(body: bytes, n: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """CDS Hooks feedback at the benchmark's concurrency, one `overridden` card a call, to service processes of its
+    own: a card answered here is not shown again at later hooks (issue 16), which would change the others'
+    workloads. Each process first answers `FEEDBACK_CARDS_CALLS` typical hook calls; the feedback goes round their
+    cards, each call with a timestamp of its own, so that every call stores a new entry. No floor: it has no
+    feedback endpoint."""
+    procs = [servers.start_service(_own_dir(log_dir, f"service-feedback-{k + 1}")) for k in range(args.instances)]
+    try:
+        for server in procs:
+            await asyncio.to_thread(server.wait_healthy, 90.0)
+        cards = {server.port: await issue_cards(server, body, FEEDBACK_CARDS_CALLS) for server in procs}
+        first = procs[0]
+        status, _ = await loadgen.one("127.0.0.1", first.port, FEEDBACK_PATH, feedback_body(*cards[first.port][0]))
+        makers: Makers = {port: feedback_requests(port, issued) for port, issued in cards.items()}
+        load = await alternate({"service": procs}, body, args.concurrency, args.duration, args.warmup, args.slices,
+                               makers)
+        load["concurrency"] = args.concurrency
+        return {"resources": n, "body_bytes": len(feedback_body(*cards[first.port][0])),
+                "cards_per_process": min(len(c) for c in cards.values()),
+                "probe": {"service": {"status": status}}, "load": load}
+    finally:
+        for server in procs:
+            server.stop()
+
+
+async def issue_cards(server: servers.Server, body: bytes, calls: int) -> list[tuple[str, Any]]:
+    """`calls` hook calls at concurrency 16: each card's uuid and its first override reason."""
+    out: list[tuple[str, Any]] = []
+    left = calls
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            status, payload = await loadgen.one("127.0.0.1", server.port, PATH, body)
+            if status == 200:
+                out.extend((c["uuid"], (c.get("overrideReasons") or [None])[0])
+                           for c in orjson.loads(payload).get("cards", []))
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    if not out:
+        raise RuntimeError("the service issued no cards to give feedback on")
+    return out
+
+
+def feedback_body(card: str, reason: Any) -> bytes:
+    entry: dict[str, Any] = {"card": card, "outcome": "overridden", "outcomeTimestamp": datetime.now(UTC).isoformat()}
+    if reason is not None:
+        entry["overrideReason"] = {"reason": reason}
+    return orjson.dumps({"feedback": [entry]})
+
+
+def feedback_requests(port: int, cards: list[tuple[str, Any]]) -> Callable[[], bytes]:
+    """The next feedback call to the service on `port`: the next card, round the list, answered anew."""
+    turn = itertools.count()
+    return lambda: loadgen.build_request("127.0.0.1", port, FEEDBACK_PATH,
+                                         feedback_body(*cards[next(turn) % len(cards)]))
 
 
 def _own_dir(log_dir: Path, name: str) -> Path:
