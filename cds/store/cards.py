@@ -9,21 +9,16 @@ under sustained load a batch took seconds, the cards waiting grew without bound 
 (`audit_max_pending`), and a crash lost them all. Now a batch waits for the GIL a few times (begin, insert,
 commit), and the cards waiting stay a few writer intervals' worth (bench/README.md, "Measurements behind the
 code"). A SQLite built without its JSON functions (before 3.38 they were a build option) gets `executemany`.
-Two implementations of `CardSink`, chosen by `card_sink()`:
 
-- `ThreadCardSink` (a SQLite file): a thread of its own, on a connection of its own. Under load the event loop
-  holds the GIL nearly all the time, and a thread waits for it each time it comes back from SQLite: through
-  aiosqlite a batch came back a dozen times or more, and the waiting thread's wake-ups cost the event loop futex
-  calls on every request (bench/README.md, "Measurements behind the code").
-- `AsyncCardSink` (PostgreSQL through asyncpg, whose `executemany` pipelines the rows; in-memory SQLite, which has
-  a single connection): a write transaction on the store's async engine.
-
-Either way the cards come from the audit writer (writer.py), off the hook's request path.
+`CardSink` writes through `Database.run_writing`. In a SQLite file it runs on a thread of the sink's own: a JWT
+replay claim, which a hook call awaits, never queues behind a card batch on the store's write thread (SQLite's
+write lock is still one, held for a batch's few milliseconds). On PostgreSQL (asyncpg's `executemany` pipelines
+the rows) and in-memory SQLite it runs on the store's async engine. The cards come from the audit writer
+(writer.py), off the hook's request path.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import operator
 import sqlite3
@@ -32,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -54,18 +49,6 @@ class IssuedCard:
     suggestion_uuids: list[str] = field(default_factory=list)
     repeat_key: str | None = None  # what makes it "the same card" for the answered-card memory (issue 16)
     silent: bool = False  # silent mode: computed and recorded, not returned to the EHR
-
-
-class CardSink(Protocol):
-    async def write(self, cards: Sequence[IssuedCard]) -> None:
-        """Persist issued cards, committed when it returns (a card uuid recorded again is ignored)."""
-
-    def close(self) -> None:
-        """Finish a batch being written, then release what the sink holds."""
-
-
-def card_sink(db: Database) -> CardSink:
-    return ThreadCardSink(db, db.thread_engine) if db.thread_engine is not None else AsyncCardSink(db)
 
 
 class _CardInsert:
@@ -147,40 +130,26 @@ def _same(value: Any) -> Any:
     return value
 
 
-class AsyncCardSink:
+class CardSink:
+    """Where every issued card is written: `write` a batch, committed when it returns (a card uuid recorded again
+    is ignored); `close` finishes a batch being written."""
+
     def __init__(self, db: Database) -> None:
         self._db = db
         self._insert = _CardInsert(db)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="cds-card-writer") \
+            if db.thread_engine is not None else None  # its thread starts on use
 
     async def write(self, cards: Sequence[IssuedCard]) -> None:
         if not cards:
             return
-        parameters = self._insert.parameters(cards)
-        async with self._db.writing("record_cards") as conn:
-            await conn.exec_driver_sql(self._insert.sql, parameters)
+        sql, parameters = self._insert.sql, self._insert.parameters(cards)
+
+        def insert(conn: sa.Connection) -> None:  # one transaction, one fsync, for the batch
+            conn.exec_driver_sql(sql, parameters)
+
+        await self._db.run_writing("record_cards", insert, thread=self._thread)
 
     def close(self) -> None:
-        pass
-
-
-class ThreadCardSink:
-    def __init__(self, db: Database, writer: sa.Engine) -> None:
-        self._db = db
-        self._writer = writer  # BEGIN IMMEDIATE like the store's engine (engine._configure_sqlite)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="cds-card-writer")  # its thread starts on use
-        self._insert = _CardInsert(db)
-
-    async def write(self, cards: Sequence[IssuedCard]) -> None:
-        if not cards:
-            return
-        parameters = self._insert.parameters(cards)
-        async with self._db.guard("record_cards"):
-            await self._db.ensure_schema()
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._write, parameters)
-
-    def _write(self, parameters: tuple[str] | list[tuple[Any, ...]]) -> None:
-        with self._writer.begin() as conn:  # one transaction, one fsync, for the batch
-            conn.exec_driver_sql(self._insert.sql, parameters)
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)  # a batch being written is finished first
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)  # a batch being written is finished first

@@ -181,10 +181,12 @@ class Database:
             async with self._engine.begin() as conn:
                 yield conn
 
-    async def run_writing(self, operation: str, write: Callable[[sa.Connection], T]) -> T:
+    async def run_writing(self, operation: str, write: Callable[[sa.Connection], T], *,
+                          thread: ThreadPoolExecutor | None = None) -> T:
         """`write(conn)` in a write transaction, guarded, with a synchronous connection; its result.
 
-        In a SQLite file on a thread of the store's own, on a connection of its thread engine. Through aiosqlite a
+        In a SQLite file on a thread of the store's own (or on `thread`: the issued cards have one, so that a card
+        batch never holds up a replay claim), on a connection of its thread engine. Through aiosqlite a
         transaction is some nine round trips between the event loop and aiosqlite's thread, each a wake-up of
         both: a batch of replay claims cost the event loop 1.9-3.4 ms of CPU and a feedback call 3.4-3.7 ms; on the
         thread 0.2-0.6 ms and 0.2 ms (bench/README.md, "Measurements behind the code"). Elsewhere (PostgreSQL
@@ -194,7 +196,7 @@ class Database:
         if self._write_thread is None:
             async with self.writing(operation) as conn:
                 return await conn.run_sync(write)
-        return await self._on_thread(operation, self._write_thread, self._write_sync, write)
+        return await self._on_thread(operation, thread or self._write_thread, self._write_sync, write)
 
     def _write_sync(self, write: Callable[[sa.Connection], T]) -> T:
         assert self.thread_engine is not None
@@ -294,7 +296,7 @@ def _create_engine(url: str, *, busy_timeout_s: float, connect_timeout_s: float)
 
 def _create_thread_engine(engine: AsyncEngine, *, busy_timeout_s: float) -> sa.Engine | None:
     """For a SQLite file, a synchronous engine on the same file for the store's threads: the issued cards'
-    (cards.py), `Database.run_writing`'s and `Database.run_reading`'s, a connection each; None for PostgreSQL
+    (cards.py) and `Database.run_writing`'s and `Database.run_reading`'s, a connection each; None for PostgreSQL
     (asyncpg needs no thread) and in-memory SQLite (one connection only)."""
     if engine.dialect.name != "sqlite" or isinstance(engine.pool, StaticPool):
         return None

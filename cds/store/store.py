@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import feedback as _feedback
 from . import retention
-from .cards import IssuedCard, card_sink
+from .cards import CardSink, IssuedCard
 from .engine import Database
 from .feedback import IN_CHUNK, FeedbackEntry
 from .replay import ReplayCache
@@ -23,7 +23,7 @@ class Store(Database):
 
     def __init__(self, engine: AsyncEngine, thread_engine: sa.Engine | None = None) -> None:
         super().__init__(engine, thread_engine)
-        self._cards = card_sink(self)
+        self._cards = CardSink(self)
         self._replay = ReplayCache(self)
 
     async def close(self) -> None:
